@@ -1,0 +1,298 @@
+"""DIMSE over pynetdicom: the Storage SCP the PACS pushes to, and the C-STORE/C-ECHO SCU.
+
+The SCP handler does little: hand the encoded bytes to :class:`node.intake.Intake` and
+answer with a named status (PS3.4 Annex B.2.3). Association policy (called AE, calling
+AE allow-list with host/CIDR) is checked during negotiation, with a log line that says
+why a peer was turned away.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    _config,
+    evt,
+)
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated names
+
+from node.domain import AssociationInfo
+from node.errors import (
+    DatasetMismatchError,
+    DeliveryError,
+    IntakeError,
+    InvalidInstanceError,
+    StorageFullError,
+)
+from node.intake import Intake
+from node.ports import SendReport
+from node.settings import AllowedCaller, DestinationSettings, NodeSettings
+
+log = logging.getLogger(__name__)
+
+
+class StatusValues:
+    """C-STORE response statuses used by the SCP (PS3.4 Table B.2-1)."""
+
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700
+    DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    CANNOT_UNDERSTAND = 0xC000
+    PROCESSING_FAILURE = 0x0110
+
+
+_REJECT_MARK = "\x00rejected"
+
+
+class _GatedAE(AE):  # type: ignore[misc]  # pynetdicom is untyped for mypy here
+    """An AE whose calling-AE check also looks at the peer's address.
+
+    pynetdicom consults ``require_calling_aet`` from the association's own thread while
+    negotiating, so the decision is made per association (keyed by that thread).
+    """
+
+    def __init__(self, ae_title: str, allowed: Sequence[AllowedCaller], own_title: str) -> None:
+        super().__init__(ae_title=ae_title)
+        self._allowed = tuple(allowed)
+        self._own_title = own_title
+        self._decisions: weakref.WeakKeyDictionary[threading.Thread, list[str]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @property  # type: ignore[misc]
+    def require_calling_aet(self) -> list[str]:
+        assoc = threading.current_thread()
+        requestor = getattr(assoc, "requestor", None)
+        if requestor is None or getattr(requestor, "primitive", None) is None:
+            return []
+        if assoc not in self._decisions:
+            self._decisions[assoc] = self._decide(requestor)
+        return self._decisions[assoc]
+
+    @require_calling_aet.setter
+    def require_calling_aet(self, ae_titles: list[str]) -> None:
+        pass  # the allow-list comes from the settings only
+
+    def _decide(self, requestor: Any) -> list[str]:
+        calling = str(requestor.primitive.calling_ae_title).strip()
+        called = str(requestor.primitive.called_ae_title).strip()
+        address = str(requestor.address)
+        if self.require_called_aet and called != self._own_title:
+            log.warning("association from %s (%s) rejected: called AE title %r is not ours (%r)",
+                        calling, address, called, self._own_title)
+            return []
+        if not self._allowed:
+            return []
+        for entry in self._allowed:
+            if entry.ae_title == calling and _host_ok(entry.host, address):
+                return [calling]
+        known = any(entry.ae_title == calling for entry in self._allowed)
+        why = (f"calling AE title {calling!r} is allowed, but not from address {address}"
+               if known else f"calling AE title {calling!r} is not in allowed_callers")
+        log.warning("association from %s (%s) rejected: %s", calling, address, why)
+        return [_REJECT_MARK]
+
+
+def _host_ok(rule: str | None, address: str) -> bool:
+    if rule is None:
+        return True
+    try:
+        return ipaddress.ip_address(address) in ipaddress.ip_network(rule, strict=False)
+    except ValueError:
+        return False
+
+
+class DimseReceiver:
+    """The Storage SCP (plus Verification)."""
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        intake: Intake,
+        *,
+        on_released: Callable[[set[str]], None] = lambda _: None,
+    ) -> None:
+        self.settings = settings
+        self.intake = intake
+        self.on_released = on_released
+        self._series: dict[int, set[str]] = {}
+        self._series_lock = threading.Lock()
+        self._server: Any = None
+
+    def build_ae(self) -> AE:
+        s = self.settings
+        ae = _GatedAE(s.ae_title, s.allowed_callers, s.ae_title)
+        ae.require_called_aet = s.require_called_ae
+        ae.maximum_associations = s.max_associations
+        ae.maximum_pdu_size = s.max_pdu_bytes
+        ae.network_timeout = s.network_timeout_seconds
+        ae.dimse_timeout = s.dimse_timeout_seconds
+        ae.acse_timeout = 30
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    def start(self) -> None:
+        # Accept Storage SOP classes pynetdicom does not list (private or newer ones).
+        _config.UNRESTRICTED_STORAGE_SERVICE = True
+        handlers = [
+            (evt.EVT_C_ECHO, lambda event: StatusValues.SUCCESS),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+        ]
+        ae = self.build_ae()
+        self._server = ae.start_server((self.settings.host, self.settings.port), block=False,
+                                       evt_handlers=handlers)
+        # Accepted sockets inherit TCP_NODELAY from the listening socket on Linux.
+        self._server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        log.info("DICOM listener %s on %s:%d", self.settings.ae_title, self.settings.host,
+                 self.port)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1]) if self._server else self.settings.port
+
+    def stop(self) -> None:
+        """Stop accepting; associations in flight are aborted so their senders retry."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def _on_store(self, event: Any) -> int:
+        assoc = event.assoc
+        peer = AssociationInfo(
+            calling_ae_title=str(assoc.requestor.ae_title).strip(),
+            called_ae_title=str(assoc.acceptor.ae_title).strip(),
+            address=str(assoc.requestor.address),
+            port=int(assoc.requestor.port or 0),
+        )
+        request = event.request
+        sop_uid = str(request.AffectedSOPInstanceUID)
+        try:
+            outcome = self.intake.store(
+                event.encoded_dataset(include_meta=True),
+                peer=peer,
+                expected_sop_instance_uid=sop_uid,
+                expected_sop_class_uid=str(request.AffectedSOPClassUID),
+            )
+        except StorageFullError as exc:
+            log.error("C-STORE %s from %s refused (A700 out of resources): %s", sop_uid,
+                      peer.calling_ae_title, exc)
+            return StatusValues.OUT_OF_RESOURCES
+        except DatasetMismatchError as exc:
+            log.warning("C-STORE %s from %s refused (A900): %s", sop_uid, peer.calling_ae_title, exc)
+            return StatusValues.DATASET_DOES_NOT_MATCH_SOP_CLASS
+        except InvalidInstanceError as exc:
+            log.warning("C-STORE %s from %s refused (C000 cannot understand): %s", sop_uid,
+                        peer.calling_ae_title, exc)
+            return StatusValues.CANNOT_UNDERSTAND
+        except IntakeError as exc:
+            log.error("C-STORE %s from %s refused (A700): %s", sop_uid, peer.calling_ae_title, exc)
+            return StatusValues.OUT_OF_RESOURCES
+        with self._series_lock:
+            self._series.setdefault(id(assoc), set()).add(outcome.header.series_instance_uid)
+        return StatusValues.SUCCESS
+
+    def _take_series(self, event: Any) -> set[str]:
+        with self._series_lock:
+            return self._series.pop(id(event.assoc), set())
+
+    def _on_released(self, event: Any) -> None:
+        series = self._take_series(event)
+        if series:
+            self.on_released(series)
+
+    def _on_aborted(self, event: Any) -> None:
+        self._take_series(event)
+
+    def _on_closed(self, event: Any) -> None:
+        self._take_series(event)
+
+
+class DimseSender:
+    """C-STORE SCU: one association per batch, files sent as stored (no re-encoding)."""
+
+    def __init__(self, *, ae_title: str = "PACSNODE") -> None:
+        self.ae_title = ae_title
+
+    def _ae(self, destination: DestinationSettings) -> AE:
+        ae = AE(ae_title=self.ae_title)
+        ae.acse_timeout = destination.timeout_seconds
+        ae.dimse_timeout = destination.timeout_seconds
+        ae.network_timeout = destination.timeout_seconds
+        return ae
+
+    def _associate(self, ae: AE, destination: DestinationSettings) -> Any:
+        assoc = ae.associate(str(destination.host), int(destination.port or 0),
+                             ae_title=str(destination.ae_title))
+        if not assoc.is_established:
+            what = "rejected the association" if assoc.is_rejected else "did not answer"
+            raise DeliveryError(
+                f"{destination.name} ({destination.host}:{destination.port}, AE "
+                f"{destination.ae_title}) {what}", retryable=True)
+        return assoc
+
+    def echo(self, destination: DestinationSettings) -> float:
+        ae = self._ae(destination)
+        ae.add_requested_context(Verification)
+        start = time.monotonic()
+        assoc = self._associate(ae, destination)
+        try:
+            status = assoc.send_c_echo()
+        finally:
+            assoc.release()
+        if not status or int(status.Status) != 0:
+            raise DeliveryError(f"{destination.name}: C-ECHO failed", retryable=True)
+        return time.monotonic() - start
+
+    def send(self, destination: DestinationSettings, paths: Sequence[Path]) -> SendReport:
+        ae = self._ae(destination)
+        contexts: dict[tuple[str, str], None] = {}
+        metas: list[tuple[Path, str, str]] = []
+        for path in paths:
+            meta = read_file_meta_info(path)
+            pair = (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+            contexts[pair] = None
+            metas.append((path, *pair))
+        if len(contexts) > 128:
+            raise DeliveryError("more than 128 SOP class/transfer syntax pairs in one batch",
+                                retryable=False)
+        for sop_class, ts in contexts:
+            ae.add_requested_context(sop_class, [ts])
+        failed: list[tuple[str, str]] = []
+        sent = 0
+        assoc = self._associate(ae, destination)
+        try:
+            for path, _, _ in metas:
+                try:
+                    status = assoc.send_c_store(path)
+                except (ValueError, RuntimeError, OSError) as exc:
+                    failed.append((path.name, str(exc)))
+                    continue
+                code = int(status.Status) if status and "Status" in status else None
+                if code is None:
+                    raise DeliveryError(f"{destination.name}: no response to C-STORE",
+                                        retryable=True)
+                if code in (0x0000, 0xB000, 0xB007, 0xB006):
+                    sent += 1
+                else:
+                    failed.append((path.name, f"status 0x{code:04X}"))
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return SendReport(destination.name, sent, tuple(failed))

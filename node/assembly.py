@@ -1,0 +1,213 @@
+"""Assembly: decide when a series, and a study, is complete.
+
+Three ways to complete (see ``CompletionReasonValues``):
+
+- fast path: the association that carried a series is released and the series is
+  provably complete: the instance count equals ImagesInAcquisition where present, the
+  InstanceNumbers are contiguous, and the slice positions along the normal are evenly
+  spaced in one orientation;
+- quiet: nothing new arrived for the quiet period;
+- deadline: a hard limit after the first instance, so a trickling sender cannot hold a
+  series open for ever.
+
+An instance arriving after completion reopens the unit with the next generation (a
+follow-up; see node/intake.py). Completion and the jobs it creates are committed in one
+transaction, so a crash can lose neither.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from node.db import InstanceRow, SeriesRow, StudyRow
+from node.domain import CompletedUnit, CompletionReasonValues, UnitStateValues
+from node.settings import AssemblySettings
+from node.intake import utcnow
+
+log = logging.getLogger(__name__)
+
+RECEIVING = UnitStateValues.RECEIVING.value
+COMPLETE = UnitStateValues.COMPLETE.value
+
+
+class Planner(Protocol):
+    """Called inside the completing transaction: turn a completed unit into jobs."""
+
+    def plan(self, session: Session, unit: CompletedUnit) -> None: ...
+
+
+@dataclass(frozen=True)
+class Verdict:
+    complete: bool
+    reason: str
+
+
+def check_series(
+    rows: Iterable[tuple[int | None, float | None, float | None, float | None, str | None]],
+    *,
+    images_in_acquisition: int | None,
+    tolerance: float,
+) -> Verdict:
+    """Is a series provably complete? ``rows``: (InstanceNumber, x, y, z, orientation)."""
+    items = list(rows)
+    n = len(items)
+    if n == 0:
+        return Verdict(False, "no instances")
+    if images_in_acquisition and n != images_in_acquisition:
+        return Verdict(False, f"{n} of {images_in_acquisition} instances (ImagesInAcquisition)")
+    numbers = [r[0] for r in items]
+    if any(v is None for v in numbers):
+        return Verdict(False, "an instance has no InstanceNumber")
+    ints = sorted(v for v in numbers if v is not None)
+    if len(set(ints)) != n or ints[-1] - ints[0] + 1 != n:
+        return Verdict(False, f"InstanceNumbers {ints[0]}..{ints[-1]} are not contiguous for {n}")
+    if n == 1:
+        if images_in_acquisition == 1:
+            return Verdict(True, "single instance, ImagesInAcquisition 1")
+        return Verdict(False, "a single instance cannot prove a series complete")
+    orientations = {r[4] for r in items}
+    if None in orientations or len(orientations) != 1:
+        return Verdict(False, "missing or mixed ImageOrientationPatient")
+    if any(r[1] is None or r[2] is None or r[3] is None for r in items):
+        return Verdict(False, "an instance has no ImagePositionPatient")
+    o = [float(v) for v in str(next(iter(orientations))).split("\\")]
+    normal = (o[1] * o[5] - o[2] * o[4], o[2] * o[3] - o[0] * o[5], o[0] * o[4] - o[1] * o[3])
+    dist = sorted(
+        normal[0] * r[1] + normal[1] * r[2] + normal[2] * r[3]  # type: ignore[operator]  # None excluded above
+        for r in items
+    )
+    gaps = [b - a for a, b in zip(dist, dist[1:])]
+    step = sorted(gaps)[len(gaps) // 2]
+    if step <= 1e-6:
+        return Verdict(False, "several instances share one slice position")
+    worst = max(abs(g - step) for g in gaps)
+    if worst > tolerance * step:
+        return Verdict(False, f"slice spacing uneven (step {step:.3f} mm, off by {worst:.3f} mm)")
+    return Verdict(True, f"{n} instances, contiguous, spacing {step:.3f} mm")
+
+
+class Assembly:
+    def __init__(
+        self,
+        engine: Engine,
+        settings: AssemblySettings,
+        planner: Planner,
+        *,
+        lock: threading.Lock | None = None,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.planner = planner
+        self._lock = lock or threading.Lock()
+
+    def on_association_released(self, series_uids: Iterable[str]) -> list[CompletedUnit]:
+        """Fast path: complete the series this association carried that are provably whole."""
+        if not self.settings.fast_path:
+            return []
+        done: list[CompletedUnit] = []
+        uids = set(series_uids)
+        with self._lock, Session(self.engine) as session, session.begin():
+            studies: set[str] = set()
+            for uid in sorted(uids):
+                series = session.get(SeriesRow, uid)
+                if series is None or series.state != RECEIVING:
+                    continue
+                studies.add(series.study_instance_uid)
+                verdict = self._verdict(session, series)
+                if verdict.complete:
+                    done.append(self._complete_series(session, series,
+                                                      CompletionReasonValues.FAST_PATH))
+                else:
+                    log.info("series %s not provably complete at release (%s); waiting %.1f s",
+                             uid, verdict.reason, self.settings.series_quiet_seconds)
+            for study_uid in sorted(studies):
+                study = session.get(StudyRow, study_uid)
+                members = session.scalars(
+                    select(SeriesRow).where(SeriesRow.study_instance_uid == study_uid)
+                ).all()
+                if (study is not None and study.state == RECEIVING
+                        and all(s.state == COMPLETE for s in members)
+                        and {s.series_instance_uid for s in members} <= uids):
+                    done.append(self._complete_study(session, study,
+                                                     CompletionReasonValues.FAST_PATH))
+        return done
+
+    def tick(self, now: datetime | None = None) -> list[CompletedUnit]:
+        """Complete what has been quiet long enough or passed its hard deadline."""
+        now = now or utcnow()
+        cfg = self.settings
+        quiet = now - timedelta(seconds=cfg.series_quiet_seconds)
+        study_quiet = now - timedelta(seconds=cfg.study_quiet_seconds)
+        deadline = now - timedelta(seconds=cfg.hard_deadline_seconds)
+        done: list[CompletedUnit] = []
+        with self._lock, Session(self.engine) as session, session.begin():
+            for series in session.scalars(
+                select(SeriesRow).where(SeriesRow.state == RECEIVING)
+            ):
+                if series.last_received_at <= quiet:
+                    done.append(self._complete_series(session, series, CompletionReasonValues.QUIET))
+                elif series.first_received_at <= deadline:
+                    done.append(self._complete_series(session, series,
+                                                      CompletionReasonValues.DEADLINE))
+            for study in session.scalars(select(StudyRow).where(StudyRow.state == RECEIVING)):
+                open_series = session.scalars(
+                    select(SeriesRow).where(
+                        SeriesRow.study_instance_uid == study.study_instance_uid,
+                        SeriesRow.state == RECEIVING,
+                    )
+                ).first()
+                if open_series is None and study.last_received_at <= study_quiet:
+                    done.append(self._complete_study(session, study, CompletionReasonValues.QUIET))
+                elif study.first_received_at <= deadline:
+                    done.append(self._complete_study(session, study,
+                                                     CompletionReasonValues.DEADLINE))
+        return done
+
+    def _verdict(self, session: Session, series: SeriesRow) -> Verdict:
+        rows = session.execute(
+            select(InstanceRow.instance_number, InstanceRow.position_x, InstanceRow.position_y,
+                   InstanceRow.position_z, InstanceRow.orientation)
+            .where(InstanceRow.series_instance_uid == series.series_instance_uid)
+        ).tuples()
+        return check_series(rows, images_in_acquisition=series.images_in_acquisition,
+                            tolerance=self.settings.slice_spacing_tolerance)
+
+    def _complete_series(
+        self, session: Session, series: SeriesRow, reason: CompletionReasonValues
+    ) -> CompletedUnit:
+        now = utcnow()
+        series.state = COMPLETE
+        series.completed_at = now
+        series.completion_reason = reason.value
+        unit = CompletedUnit("series", series.study_instance_uid, series.series_instance_uid,
+                             series.generation, reason, now)
+        log.info("series %s complete (%s, generation %d)", series.series_instance_uid,
+                 reason.value, series.generation)
+        self.planner.plan(session, unit)
+        return unit
+
+    def _complete_study(
+        self, session: Session, study: StudyRow, reason: CompletionReasonValues
+    ) -> CompletedUnit:
+        now = utcnow()
+        if reason is CompletionReasonValues.DEADLINE:
+            for series in session.scalars(select(SeriesRow).where(
+                    SeriesRow.study_instance_uid == study.study_instance_uid,
+                    SeriesRow.state == RECEIVING)):
+                self._complete_series(session, series, reason)
+        study.state = COMPLETE
+        study.completed_at = now
+        study.completion_reason = reason.value
+        unit = CompletedUnit("study", study.study_instance_uid, None, study.generation, reason, now)
+        log.info("study %s complete (%s, generation %d)", study.study_instance_uid,
+                 reason.value, study.generation)
+        self.planner.plan(session, unit)
+        return unit

@@ -1,0 +1,226 @@
+"""The ``pacsnode`` command line: one entry point, subcommands.
+
+Exit codes: 0 success; 1 the operation failed (a peer refused, a job is in the wrong
+state); 2 bad usage; 3 invalid configuration; 4 not found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from node.errors import ConfigError, DeliveryError, JobError, PacsnodeError
+from node.settings import Settings, load_settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None:
+    if getattr(args, "json", False):
+        json.dump(data, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        human()
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    summary = {
+        "file": str(settings.source_file),
+        "ae_title": settings.node.ae_title,
+        "port": settings.node.port,
+        "spool": str(settings.storage.spool),
+        "database": settings.storage.database,
+        "destinations": [d.name for d in settings.destinations],
+        "models": [m.name for m in settings.models],
+        "routes": [r.name for r in settings.routes],
+    }
+    _emit(args, {"valid": True, **summary}, lambda: print(
+        f"{settings.source_file}: valid\n"
+        f"  listener {settings.node.ae_title} on port {settings.node.port}\n"
+        f"  spool {settings.storage.spool}\n"
+        f"  {len(settings.destinations)} destination(s), {len(settings.models)} model(s), "
+        f"{len(settings.routes)} route(s)"))
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from node.app import Node
+    from node.log import setup_logging
+
+    settings = _settings(args)
+    setup_logging(args.log_level)
+    Node(settings).serve_forever()
+    return EXIT_OK
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from adapters.dimse import DimseSender
+
+    settings = _settings(args)
+    dest = settings.destination(args.destination)
+    if dest.kind != "dimse":
+        raise ConfigError(f"destination {dest.name!r} is {dest.kind}; echo needs a dimse one")
+    try:
+        seconds = DimseSender(ae_title=settings.node.ae_title).echo(dest)
+    except DeliveryError as exc:
+        _emit(args, {"destination": dest.name, "ok": False, "error": str(exc)},
+              lambda: print(f"echo {dest.name}: FAILED: {exc}", file=sys.stderr))
+        return EXIT_FAILED
+    _emit(args, {"destination": dest.name, "ok": True, "seconds": round(seconds, 4)},
+          lambda: print(f"echo {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): "
+                        f"ok in {seconds * 1000:.1f} ms"))
+    return EXIT_OK
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    from node import queries
+
+    settings = _settings(args)
+    if args.action == "show":
+        study = queries.study_detail(settings, args.uid)
+        if study is None:
+            print(f"no study {args.uid}", file=sys.stderr)
+            return EXIT_NOT_FOUND
+        _emit(args, study, lambda: print(queries.format_study(study)))
+        return EXIT_OK
+    studies = queries.list_studies(settings, limit=args.limit)
+    _emit(args, studies, lambda: print(queries.format_studies(studies)))
+    return EXIT_OK
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from node import queries
+    from node.db import make_engine
+    from node.jobs import JobStore
+
+    settings = _settings(args)
+    store = JobStore(make_engine(settings.storage.database), settings.jobs)
+    if args.action == "list":
+        jobs = [queries.job_dict(j) for j in store.list(state=args.state, limit=args.limit)]
+        _emit(args, jobs, lambda: print(queries.format_jobs(jobs)))
+        return EXIT_OK
+    try:
+        if args.action == "show":
+            job = store.get(args.id)
+        elif args.action == "retry":
+            job = store.retry(args.id)
+        else:
+            job = store.cancel(args.id)
+    except JobError as exc:
+        print(f"jobs {args.action}: {exc}", file=sys.stderr)
+        return EXIT_NOT_FOUND if "no job" in str(exc) else EXIT_FAILED
+    data = queries.job_dict(job)
+    _emit(args, data, lambda: print(queries.format_job(data)))
+    return EXIT_OK
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from node import synth
+
+    lesions = tuple(synth.parse_lesion(t) for t in args.lesion) or None
+    spec = synth.SeriesSpec(
+        modality=args.modality, slices=args.slices, rows=args.size, columns=args.size,
+        slice_thickness_mm=args.thickness, lesions=lesions, seed=args.seed,
+        omit_instance_numbers=tuple(args.omit),
+    )
+    study = synth.make_study(spec, seed=args.seed)
+    paths = synth.write_study(study, Path(args.out), transfer_syntax=args.transfer_syntax)
+    info = {"study_instance_uid": study.study_instance_uid, "files": len(paths),
+            "out": args.out,
+            "series": [{"series_instance_uid": s.series_instance_uid,
+                        "lesion_volume_mm3": round(s.lesion_volume_mm3, 1)} for s in study.series]}
+    _emit(args, info, lambda: print(
+        f"wrote {len(paths)} file(s) of study {study.study_instance_uid} to {args.out}"))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pacsnode", description=__doc__.split("\n")[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", help="config file (default: $PACSNODE_CONFIG, "
+                        "then config/pacsnode.toml)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", parents=[common], help="run the node")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("config", help="configuration tools")
+    csub = p.add_subparsers(dest="action", required=True)
+    c = csub.add_parser("check", parents=[common], help="validate the configuration")
+    c.set_defaults(func=cmd_config_check)
+
+    p = sub.add_parser("echo", parents=[common], help="C-ECHO a configured destination")
+    p.add_argument("destination")
+    p.set_defaults(func=cmd_echo)
+
+    p = sub.add_parser("studies", help="studies in the index")
+    ssub = p.add_subparsers(dest="action", required=True)
+    s = ssub.add_parser("list", parents=[common])
+    s.add_argument("--limit", type=int, default=50)
+    s.set_defaults(func=cmd_studies)
+    s = ssub.add_parser("show", parents=[common])
+    s.add_argument("uid")
+    s.set_defaults(func=cmd_studies)
+
+    p = sub.add_parser("jobs", help="the job table")
+    jsub = p.add_subparsers(dest="action", required=True)
+    j = jsub.add_parser("list", parents=[common])
+    j.add_argument("--state")
+    j.add_argument("--limit", type=int, default=50)
+    j.set_defaults(func=cmd_jobs)
+    for action in ("show", "retry", "cancel"):
+        j = jsub.add_parser(action, parents=[common])
+        j.add_argument("id", type=int)
+        j.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("synth", parents=[common], help="write a synthetic study")
+    p.add_argument("--modality", choices=["CT", "MR"], default="CT")
+    p.add_argument("--slices", type=int, default=64)
+    p.add_argument("--size", type=int, default=256, help="rows = columns")
+    p.add_argument("--thickness", type=float, default=1.5, help="slice thickness in mm")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lesion", action="append", default=[], metavar="X,Y,Z,R,VALUE")
+    p.add_argument("--omit", type=int, action="append", default=[], metavar="INSTANCE_NUMBER",
+                   help="leave out a slice (simulates an incomplete series)")
+    p.add_argument("--transfer-syntax", help="re-encode with this transfer syntax UID")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_synth)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Command = args.func
+    try:
+        return func(args)
+    except ConfigError as exc:
+        if getattr(args, "json", False):
+            json.dump({"valid": False, "error": exc.args[0], "problems": list(exc.problems)},
+                      sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+    except PacsnodeError as exc:
+        print(f"pacsnode: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

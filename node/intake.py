@@ -1,0 +1,236 @@
+"""Intake: put one received instance safely on disk and in the index.
+
+The order is what makes "Success" true: stage (write + fsync) → rename into the spool
+→ commit the index row. Only after the commit does the caller answer Success. A crash
+between rename and commit leaves a file without a row; :meth:`Intake.reconcile` indexes
+it at the next start (the sender, not having seen Success, resends the same bytes,
+which is then a harmless duplicate).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from node.db import InstanceRow, SeriesRow, StudyRow
+from node.domain import (
+    AssociationInfo,
+    InstanceHeader,
+    StoreOutcome,
+    StoreResultValues,
+    UnitStateValues,
+)
+from node.errors import DatasetMismatchError, StorageError, StorageFullError
+from node.header import read_header
+from node.spool import Spool, StagedFile, relative_path
+
+log = logging.getLogger(__name__)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _clip(value: str | None, length: int) -> str | None:
+    return value[:length] if value is not None else None
+
+
+class Intake:
+    def __init__(self, spool: Spool, engine: Engine, *, lock: threading.Lock | None = None) -> None:
+        self.spool = spool
+        self.engine = engine
+        self._lock = lock or threading.Lock()
+
+    def store(
+        self,
+        data: bytes,
+        *,
+        peer: AssociationInfo | None = None,
+        expected_sop_instance_uid: str | None = None,
+        expected_sop_class_uid: str | None = None,
+    ) -> StoreOutcome:
+        """Store one Part 10 byte string. Raises an IntakeError subclass on failure."""
+        header = read_header(data)
+        if expected_sop_instance_uid and header.sop_instance_uid != expected_sop_instance_uid:
+            raise DatasetMismatchError(
+                f"SOP Instance UID in the data set ({header.sop_instance_uid}) differs from "
+                f"the request's Affected SOP Instance UID ({expected_sop_instance_uid})"
+            )
+        if expected_sop_class_uid and header.sop_class_uid != expected_sop_class_uid:
+            raise DatasetMismatchError(
+                f"SOP Class UID in the data set ({header.sop_class_uid}) differs from "
+                f"the request's Affected SOP Class UID ({expected_sop_class_uid})"
+            )
+        staged = self.spool.stage(data)
+        try:
+            with self._lock:
+                return self._commit(header, staged, peer)
+        finally:
+            self.spool.discard(staged)
+
+    def _commit(
+        self, header: InstanceHeader, staged: StagedFile, peer: AssociationInfo | None
+    ) -> StoreOutcome:
+        rel = relative_path(
+            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+        )
+        now = utcnow()
+        existing: InstanceRow | None = None
+        try:
+            with Session(self.engine) as session, session.begin():
+                existing = session.get(InstanceRow, header.sop_instance_uid)
+                if existing is not None and existing.sha256 == staged.sha256:
+                    return StoreOutcome(StoreResultValues.DUPLICATE, header, existing.path,
+                                        staged.size)
+                generation = self._touch_units(session, header, peer, now)
+                session.flush()
+                self.spool.commit(staged, rel)
+                try:
+                    if existing is None:
+                        result = StoreResultValues.STORED
+                        session.add(_instance_row(header, rel, staged, generation, now))
+                    else:
+                        result = StoreResultValues.REPLACED
+                        _replace_instance(existing, header, rel, staged, generation, now)
+                    session.flush()
+                except BaseException:
+                    if existing is None:
+                        self.spool.remove(rel)
+                    raise
+        except OperationalError as exc:
+            if existing is None and (self.spool.root / rel).exists():
+                self.spool.remove(rel)
+            if "full" in str(exc.orig).lower():
+                raise StorageFullError("the index database's disk is full") from exc
+            raise StorageError(f"indexing failed: {exc.orig}") from exc
+        except SQLAlchemyError as exc:
+            raise StorageError(f"indexing failed: {exc}") from exc
+        if result is StoreResultValues.REPLACED:
+            log.warning(
+                "instance %s received again with different content; kept the newest",
+                header.sop_instance_uid,
+            )
+        return StoreOutcome(result, header, rel, staged.size)
+
+    def _touch_units(
+        self, session: Session, h: InstanceHeader, peer: AssociationInfo | None, now: datetime
+    ) -> int:
+        """Create or refresh the study and series rows; reopen completed ones (follow-up)."""
+        study = session.get(StudyRow, h.study_instance_uid)
+        if study is None:
+            study = StudyRow(
+                study_instance_uid=h.study_instance_uid,
+                patient_id=_clip(h.patient_id, 64),
+                patient_name=_clip(h.patient_name, 324),
+                patient_birth_date=_clip(h.patient_birth_date, 8),
+                patient_sex=_clip(h.patient_sex, 16),
+                accession_number=_clip(h.accession_number, 16),
+                study_date=_clip(h.study_date, 8),
+                study_description=_clip(h.study_description, 64),
+                state=UnitStateValues.RECEIVING.value,
+                generation=1,
+                first_received_at=now,
+                last_received_at=now,
+            )
+            session.add(study)
+        else:
+            if study.state == UnitStateValues.COMPLETE.value:
+                study.state = UnitStateValues.RECEIVING.value
+                study.generation += 1
+                study.first_received_at = now
+                log.info("study %s: late instance opens follow-up generation %d",
+                         h.study_instance_uid, study.generation)
+            study.last_received_at = now
+        series = session.get(SeriesRow, h.series_instance_uid)
+        if series is None:
+            series = SeriesRow(
+                series_instance_uid=h.series_instance_uid,
+                study_instance_uid=h.study_instance_uid,
+                modality=_clip(h.modality, 16),
+                series_number=h.series_number,
+                series_description=_clip(h.series_description, 64),
+                body_part_examined=_clip(h.body_part_examined, 16),
+                frame_of_reference_uid=_clip(h.frame_of_reference_uid, 64),
+                images_in_acquisition=h.images_in_acquisition,
+                calling_ae_title=peer.calling_ae_title if peer else None,
+                called_ae_title=peer.called_ae_title if peer else None,
+                source_address=peer.address if peer else None,
+                state=UnitStateValues.RECEIVING.value,
+                generation=1,
+                first_received_at=now,
+                last_received_at=now,
+            )
+            session.add(series)
+        else:
+            if series.state == UnitStateValues.COMPLETE.value:
+                series.state = UnitStateValues.RECEIVING.value
+                series.generation += 1
+                series.first_received_at = now
+                log.info("series %s: late instance opens follow-up generation %d",
+                         h.series_instance_uid, series.generation)
+            series.last_received_at = now
+            if series.images_in_acquisition is None and h.images_in_acquisition:
+                series.images_in_acquisition = h.images_in_acquisition
+        return series.generation
+
+    def reconcile(self) -> int:
+        """Index spool files that have no row (a crash between rename and commit)."""
+        with Session(self.engine) as session:
+            known = set(session.scalars(select(InstanceRow.path)))
+        added = 0
+        for rel in self.spool.iter_files():
+            if rel in known:
+                continue
+            path = self.spool.root / rel
+            try:
+                data = path.read_bytes()
+                header = read_header(data)
+            except (OSError, ValueError) as exc:
+                log.error("spool file %s cannot be indexed (%s); left in place", rel, exc)
+                continue
+            staged = StagedFile(path, len(data), hashlib.sha256(data).hexdigest())
+            with self._lock, Session(self.engine) as session, session.begin():
+                if session.get(InstanceRow, header.sop_instance_uid) is not None:
+                    continue
+                generation = self._touch_units(session, header, None, utcnow())
+                session.flush()
+                session.add(_instance_row(header, rel, staged, generation, utcnow()))
+            added += 1
+        if added:
+            log.warning("indexed %d spool file(s) that had no index row", added)
+        return added
+
+
+def _instance_row(
+    h: InstanceHeader, rel: str, staged: StagedFile, generation: int, now: datetime
+) -> InstanceRow:
+    row = InstanceRow(sop_instance_uid=h.sop_instance_uid)
+    _replace_instance(row, h, rel, staged, generation, now)
+    return row
+
+
+def _replace_instance(
+    row: InstanceRow, h: InstanceHeader, rel: str, staged: StagedFile, generation: int,
+    now: datetime,
+) -> None:
+    row.series_instance_uid = h.series_instance_uid
+    row.sop_class_uid = h.sop_class_uid
+    row.transfer_syntax_uid = h.transfer_syntax_uid
+    row.instance_number = h.instance_number
+    pos = h.image_position
+    row.position_x, row.position_y, row.position_z = pos if pos else (None, None, None)
+    row.orientation = (
+        "\\".join(f"{v:.6f}" for v in h.image_orientation) if h.image_orientation else None
+    )
+    row.number_of_frames = h.number_of_frames
+    row.path = rel
+    row.size = staged.size
+    row.sha256 = staged.sha256
+    row.generation = generation
+    row.received_at = now

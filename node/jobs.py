@@ -1,0 +1,279 @@
+"""The durable job table and the threads that work it.
+
+States (``JobStateValues``): pending → running → [encoded →] delivering → done, or
+failed (not retryable) / dead (out of tries) / cancelled. Every transition is committed
+before the work it announces, so after a crash or kill -9 :meth:`JobStore.recover`
+puts each unfinished job back where its last commit left it: a job caught in
+``running`` or ``delivering`` becomes claimable again and keeps its ``step``; handlers
+make their steps idempotent (deterministic UIDs make a resend harmless).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, or_, select, update
+from sqlalchemy.orm import Session
+
+from node.db import JobRow
+from node.errors import DeliveryError, JobError, PacsnodeError
+from node.intake import utcnow
+from node.settings import JobSettings
+
+log = logging.getLogger(__name__)
+
+
+class JobStateValues(enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    ENCODED = "encoded"
+    DELIVERING = "delivering"
+    DONE = "done"
+    FAILED = "failed"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+
+
+FINAL = {JobStateValues.DONE, JobStateValues.FAILED, JobStateValues.DEAD,
+         JobStateValues.CANCELLED}
+CLAIMABLE = (JobStateValues.PENDING.value, JobStateValues.ENCODED.value)
+IN_FLIGHT = (JobStateValues.RUNNING.value, JobStateValues.DELIVERING.value)
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    key: str
+    kind: str
+    route: str
+    study_instance_uid: str
+    series_instance_uid: str | None
+    generation: int
+    payload: Mapping[str, Any]
+    state: JobStateValues
+    step: str | None
+    priority: int
+    attempts: int
+    not_before: datetime | None
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: JobRow) -> Job:
+        return cls(row.id, row.key, row.kind, row.route, row.study_instance_uid,
+                   row.series_instance_uid, row.generation, json.loads(row.payload),
+                   JobStateValues(row.state), row.step, row.priority, row.attempts,
+                   row.not_before, row.last_error, row.created_at, row.updated_at)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    key: str
+    kind: str
+    route: str
+    study_instance_uid: str
+    series_instance_uid: str | None
+    generation: int
+    payload: Mapping[str, Any]
+    priority: int = 50
+
+
+class JobStore:
+    def __init__(self, engine: Engine, settings: JobSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+
+    def add(self, session: Session, spec: JobSpec) -> bool:
+        """Insert in the caller's transaction; a job with the same key is not added twice."""
+        if session.scalar(select(JobRow.id).where(JobRow.key == spec.key)) is not None:
+            return False
+        now = utcnow()
+        session.add(JobRow(
+            key=spec.key, kind=spec.kind, route=spec.route,
+            study_instance_uid=spec.study_instance_uid,
+            series_instance_uid=spec.series_instance_uid, generation=spec.generation,
+            payload=json.dumps(dict(spec.payload), sort_keys=True),
+            state=JobStateValues.PENDING.value, priority=spec.priority, attempts=0,
+            created_at=now, updated_at=now,
+        ))
+        return True
+
+    def recover(self) -> int:
+        """At start: jobs a crash caught mid-flight become claimable again (step kept)."""
+        with Session(self.engine) as session, session.begin():
+            result = session.execute(
+                update(JobRow).where(JobRow.state.in_(IN_FLIGHT))
+                .values(state=JobStateValues.PENDING.value, updated_at=utcnow())
+            )
+            count = int(getattr(result, "rowcount", 0) or 0)
+        if count:
+            log.warning("resumed %d job(s) interrupted by a stop", count)
+        return count
+
+    def claim(self, kinds: set[str]) -> Job | None:
+        """Take the most urgent claimable job of the given kinds, atomically."""
+        now = utcnow()
+        with Session(self.engine) as session, session.begin():
+            candidates = session.scalars(
+                select(JobRow)
+                .where(JobRow.state.in_(CLAIMABLE), JobRow.kind.in_(kinds),
+                       or_(JobRow.not_before.is_(None), JobRow.not_before <= now))
+                .order_by(JobRow.priority.desc(), JobRow.id)
+                .limit(5)
+            ).all()
+            for row in candidates:
+                claimed = session.execute(
+                    update(JobRow)
+                    .where(JobRow.id == row.id, JobRow.state == row.state)
+                    .values(state=JobStateValues.RUNNING.value, attempts=JobRow.attempts + 1,
+                            updated_at=now)
+                )
+                if getattr(claimed, "rowcount", 0) == 1:
+                    session.flush()
+                    session.refresh(row)
+                    return Job.from_row(row)
+        return None
+
+    def advance(self, job_id: int, state: JobStateValues, *, step: str | None = None) -> None:
+        self._set(job_id, state=state.value, step=step, last_error=None, not_before=None)
+
+    def fail(self, job_id: int, error: str, *, retryable: bool) -> JobStateValues:
+        """Record a failure: retry later with capped exponential backoff, or give up."""
+        with Session(self.engine) as session, session.begin():
+            row = self._row(session, job_id)
+            cfg = self.settings
+            if not retryable:
+                state = JobStateValues.FAILED
+            elif row.attempts >= cfg.max_attempts:
+                state = JobStateValues.DEAD
+            else:
+                state = JobStateValues.PENDING
+                delay = min(cfg.retry_max_seconds,
+                            cfg.retry_base_seconds * 2 ** max(0, row.attempts - 1))
+                row.not_before = utcnow() + timedelta(seconds=delay)
+            row.state = state.value
+            row.last_error = error
+            row.updated_at = utcnow()
+        return state
+
+    def retry(self, job_id: int) -> Job:
+        """Put a failed, dead or cancelled job back in the queue, with fresh tries."""
+        with Session(self.engine) as session, session.begin():
+            row = self._row(session, job_id)
+            if JobStateValues(row.state) not in FINAL - {JobStateValues.DONE}:
+                raise JobError(f"job {job_id} is {row.state}; only failed, dead or cancelled "
+                               f"jobs can be retried")
+            row.state = JobStateValues.PENDING.value
+            row.attempts = 0
+            row.not_before = None
+            row.updated_at = utcnow()
+            session.flush()
+            return Job.from_row(row)
+
+    def cancel(self, job_id: int) -> Job:
+        with Session(self.engine) as session, session.begin():
+            row = self._row(session, job_id)
+            if JobStateValues(row.state) in FINAL:
+                raise JobError(f"job {job_id} is already {row.state}")
+            row.state = JobStateValues.CANCELLED.value
+            row.updated_at = utcnow()
+            session.flush()
+            return Job.from_row(row)
+
+    def get(self, job_id: int) -> Job:
+        with Session(self.engine) as session:
+            return Job.from_row(self._row(session, job_id))
+
+    def list(self, *, state: str | None = None, limit: int = 100) -> list[Job]:
+        with Session(self.engine) as session:
+            query = select(JobRow).order_by(JobRow.id.desc()).limit(limit)
+            if state:
+                query = query.where(JobRow.state == state)
+            return [Job.from_row(r) for r in session.scalars(query)]
+
+    def _set(self, job_id: int, **values: Any) -> None:
+        with Session(self.engine) as session, session.begin():
+            row = self._row(session, job_id)
+            if row.state == JobStateValues.CANCELLED.value:
+                raise JobError(f"job {job_id} was cancelled")
+            for key, value in values.items():
+                setattr(row, key, value)
+            row.updated_at = utcnow()
+
+    @staticmethod
+    def _row(session: Session, job_id: int) -> JobRow:
+        row = session.get(JobRow, job_id)
+        if row is None:
+            raise JobError(f"no job with id {job_id}")
+        return row
+
+
+JobHandler = Callable[[Job, JobStore], None]
+
+
+class JobRunner:
+    """Threads that claim jobs of the kinds they have handlers for and run them."""
+
+    def __init__(self, store: JobStore, handlers: Mapping[str, JobHandler], *,
+                 workers: int = 1, poll_seconds: float = 0.2) -> None:
+        self.store = store
+        self.handlers = dict(handlers)
+        self.workers = workers
+        self.poll_seconds = poll_seconds
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for i in range(self.workers):
+            thread = threading.Thread(target=self._loop, name=f"job-runner-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def run_once(self) -> bool:
+        """Claim and run one job; False when nothing was claimable."""
+        if not self.handlers:
+            return False
+        job = self.store.claim(set(self.handlers))
+        if job is None:
+            return False
+        try:
+            self.handlers[job.kind](job, self.store)
+        except DeliveryError as exc:
+            state = self.store.fail(job.id, str(exc), retryable=exc.retryable)
+            log.warning("job %d (%s) failed: %s -> %s", job.id, job.kind, exc, state.value)
+        except PacsnodeError as exc:
+            state = self.store.fail(job.id, str(exc), retryable=False)
+            log.error("job %d (%s) failed: %s -> %s", job.id, job.kind, exc, state.value)
+        except Exception as exc:  # noqa: BLE001  a handler bug must fail the job, not the runner
+            log.exception("job %d (%s) crashed", job.id, job.kind)
+            self.store.fail(job.id, f"internal error: {exc!r}", retryable=True)
+        return True
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                worked = self.run_once()
+            except Exception:  # noqa: BLE001  e.g. database briefly unavailable; keep going
+                log.exception("job runner error")
+                worked = False
+            if not worked:
+                self._wake.wait(self.poll_seconds)
+                self._wake.clear()

@@ -1,0 +1,316 @@
+"""Configuration: TOML files parsed once into frozen pydantic models.
+
+Nothing here reads a file at import time; :func:`load_settings` is called by the
+composition root and the result is passed explicitly to every component.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from node.errors import ConfigError
+
+DEFAULT_CONFIG = Path("config/pacsnode.toml")
+CONFIG_ENV = "PACSNODE_CONFIG"
+_LIST_SECTIONS = ("destinations", "sources", "models", "routes")
+
+
+def _check_ae_title(value: str) -> str:
+    """PS3.5 Table 6.2-1: AE is 1-16 characters, no backslash or control characters."""
+    stripped = value.strip()
+    if not stripped or len(value) > 16:
+        raise ValueError("an AE title of 1 to 16 characters")
+    if any(c == "\\" or ord(c) < 0x20 or ord(c) > 0x7E for c in value):
+        raise ValueError("an AE title of printable ASCII without backslash")
+    return stripped
+
+
+def _check_network(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError("an IP address or CIDR block such as 10.0.0.0/24") from None
+    return value
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Network = Annotated[str, AfterValidator(_check_network)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AllowedCaller(_Section):
+    """One entry of the calling-AE allow-list; ``host`` may be an address or a CIDR block."""
+
+    ae_title: AETitle
+    host: Network | None = None
+
+
+class NodeSettings(_Section):
+    ae_title: AETitle = "PACSNODE"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
+    require_called_ae: bool = True
+    allowed_callers: tuple[AllowedCaller, ...] = ()
+    max_pdu_bytes: Annotated[int, Field(ge=0)] = 262144
+    network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    dimse_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+
+class StorageSettings(_Section):
+    spool: Path = Path("var/spool")
+    database: str = "sqlite:///var/pacsnode.db"
+    fsync: bool = True
+    min_free_mb: Annotated[int, Field(ge=0)] = 256
+
+
+class HttpSettings(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    token_file: Path | None = None
+
+
+class AssemblySettings(_Section):
+    """When a series or study counts as complete (see node/assembly.py)."""
+
+    series_quiet_seconds: Annotated[float, Field(gt=0)] = 10.0
+    study_quiet_seconds: Annotated[float, Field(gt=0)] = 30.0
+    hard_deadline_seconds: Annotated[float, Field(gt=0)] = 900.0
+    fast_path: bool = True
+    slice_spacing_tolerance: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    check_interval_seconds: Annotated[float, Field(gt=0)] = 0.25
+
+
+class JobSettings(_Section):
+    max_attempts: Annotated[int, Field(ge=1)] = 5
+    retry_base_seconds: Annotated[float, Field(gt=0)] = 5.0
+    retry_max_seconds: Annotated[float, Field(gt=0)] = 600.0
+    workers: Annotated[int, Field(ge=1, le=64)] = 2
+
+
+class DestinationSettings(_Section):
+    name: Name
+    kind: Literal["dimse", "dicomweb"]
+    ae_title: AETitle | None = None
+    host: str | None = None
+    port: Port | None = None
+    url: str | None = None
+    token_file: Path | None = None
+    timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> DestinationSettings:
+        if self.kind == "dimse":
+            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"the keys {', '.join(missing)} for kind = \"dimse\"")
+        elif self.url is None:
+            raise ValueError("the key url for kind = \"dicomweb\"")
+        return self
+
+
+class SourceSettings(_Section):
+    name: Name
+    kind: Literal["dicomweb"]
+    url: str
+    interval_seconds: Annotated[float, Field(gt=0)] = 60.0
+    filters: dict[str, str] = Field(default_factory=dict)
+    token_file: Path | None = None
+
+
+class ModelSettings(_Section):
+    name: Name
+    path: Path
+    version: str | None = None
+    description: str = ""
+
+
+class RouteSettings(_Section):
+    name: Name
+    match: dict[str, Any] = Field(default_factory=dict)
+    models: tuple[str, ...] = ()
+    destinations: tuple[str, ...] = ()
+    priority: Annotated[int, Field(ge=0, le=100)] = 50
+    level: Literal["series", "study"] = "series"
+    stop: bool = False
+
+
+class Settings(_Section):
+    include: tuple[Path, ...] = ()
+    node: NodeSettings = NodeSettings()
+    storage: StorageSettings = StorageSettings()
+    http: HttpSettings = HttpSettings()
+    assembly: AssemblySettings = AssemblySettings()
+    jobs: JobSettings = JobSettings()
+    destinations: tuple[DestinationSettings, ...] = ()
+    sources: tuple[SourceSettings, ...] = ()
+    models: tuple[ModelSettings, ...] = ()
+    routes: tuple[RouteSettings, ...] = ()
+    source_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Settings:
+        problems: list[str] = []
+        for section in _LIST_SECTIONS:
+            seen: set[str] = set()
+            for i, item in enumerate(getattr(self, section)):
+                if item.name in seen:
+                    problems.append(f"{section}[{i}].name: duplicate name {item.name!r}")
+                seen.add(item.name)
+        models = {m.name for m in self.models}
+        dests = {d.name for d in self.destinations}
+        for i, route in enumerate(self.routes):
+            for j, name in enumerate(route.models):
+                if name not in models:
+                    problems.append(
+                        f"routes[{i}].models[{j}]: unknown model {name!r}, "
+                        f"expected one of {sorted(models)}"
+                    )
+            for j, name in enumerate(route.destinations):
+                if name not in dests:
+                    problems.append(
+                        f"routes[{i}].destinations[{j}]: unknown destination {name!r}, "
+                        f"expected one of {sorted(dests)}"
+                    )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def destination(self, name: str) -> DestinationSettings:
+        for d in self.destinations:
+            if d.name == name:
+                return d
+        raise ConfigError(f"no destination named {name!r}; configured: "
+                          f"{[d.name for d in self.destinations]}")
+
+
+def default_config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """``-c FILE`` wins, then ``$PACSNODE_CONFIG``, then ``config/pacsnode.toml``."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env) if env else DEFAULT_CONFIG
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration file: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in {"function-after", "function-before"} or "[" in part:
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out or "(top level)"
+
+
+def _format_error(path: Path, err: Any) -> str:
+    where = _loc(tuple(err["loc"]))
+    if err["type"] == "extra_forbidden":
+        key = str(err["loc"][-1])
+        close = difflib.get_close_matches(key, _known_keys(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"{path}: {where}: unknown key{hint}"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "value_error":
+        msg = "expected " + msg
+    found = err.get("input")
+    shown = repr(found) if not isinstance(found, dict) else "a table"
+    return f"{path}: {where}: {msg}; found {shown}"
+
+
+def _known_keys() -> list[str]:
+    sections: list[type[BaseModel]] = [
+        Settings, NodeSettings, StorageSettings, HttpSettings, AssemblySettings, JobSettings,
+        AllowedCaller, DestinationSettings, SourceSettings, ModelSettings, RouteSettings,
+    ]
+    return sorted({key for model in sections for key in model.model_fields})
+
+
+def _resolve(base: Path, value: Any) -> Any:
+    return str((base / value).resolve()) if isinstance(value, str) else value
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    """Make relative paths relative to the file that names them (DESIGN: config shape)."""
+    storage = raw.get("storage")
+    if isinstance(storage, dict):
+        if "spool" in storage:
+            storage["spool"] = _resolve(base, storage["spool"])
+        db = storage.get("database")
+        if isinstance(db, str) and db.startswith("sqlite:///") and not db.startswith("sqlite:////"):
+            rel = db.removeprefix("sqlite:///")
+            if rel and rel != ":memory:":
+                storage["database"] = "sqlite:///" + str((base / rel).resolve())
+    for section, keys in (("http", ("token_file",)),):
+        table = raw.get(section)
+        if isinstance(table, dict):
+            for key in keys:
+                if key in table:
+                    table[key] = _resolve(base, table[key])
+    for section in _LIST_SECTIONS:
+        for item in raw.get(section, []) if isinstance(raw.get(section), list) else []:
+            if isinstance(item, dict):
+                for key in ("path", "token_file"):
+                    if key in item:
+                        item[key] = _resolve(base, item[key])
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read, merge includes, resolve relative paths and validate. Raises ConfigError."""
+    main = default_config_path(path).resolve() if path is None else Path(path).resolve()
+    raw = _read_toml(main)
+    _resolve_paths(raw, main.parent)
+    includes = raw.get("include", [])
+    if not isinstance(includes, list):
+        raise ConfigError(f"{main}: include: expected a list of file names; found {includes!r}")
+    problems: list[str] = []
+    for name in includes:
+        inc = (main.parent / str(name)).resolve()
+        extra = _read_toml(inc)
+        _resolve_paths(extra, inc.parent)
+        for key, value in extra.items():
+            if key not in _LIST_SECTIONS or not isinstance(value, list):
+                problems.append(f"{inc}: {key}: an included file may only hold "
+                                f"{', '.join('[[' + s + ']]' for s in _LIST_SECTIONS)}")
+                continue
+            raw.setdefault(key, []).extend(value)
+    if problems:
+        raise ConfigError(f"{main}: invalid configuration", tuple(problems))
+    raw["source_file"] = str(main)
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        lines = tuple(_format_error(main, e) for e in exc.errors())
+        raise ConfigError(f"{main}: invalid configuration ({len(lines)} problem(s))", lines) from None

@@ -1,0 +1,140 @@
+"""The spool: received instances on disk, written durably.
+
+A file becomes visible under its final name only after its bytes are fsync'd; the
+rename is then made durable by fsync'ing the directory (write, fsync, rename, fsync).
+Half-written files live only in ``.tmp/`` and are removed at start.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.errors import StorageError, StorageFullError
+
+log = logging.getLogger(__name__)
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+TMP_DIR = ".tmp"
+
+
+def safe_component(uid: str) -> str:
+    """A UID as a file name; anything that is not a plain UID is hashed (never a path)."""
+    if _UID_RE.match(uid) and len(uid) <= 64:
+        return uid
+    return "x-" + hashlib.sha1(uid.encode("utf-8", "replace")).hexdigest()
+
+
+def relative_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
+    return "/".join(
+        (safe_component(study_uid), safe_component(series_uid), safe_component(sop_uid) + ".dcm")
+    )
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    temp_path: Path
+    size: int
+    sha256: str
+
+
+class Spool:
+    def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0) -> None:
+        self.root = root
+        self.fsync = fsync
+        self.min_free_bytes = min_free_bytes
+        self._tmp = root / TMP_DIR
+
+    def prepare(self) -> int:
+        """Create the folders; remove half-written files a crash left behind. Returns how many."""
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for leftover in self._tmp.iterdir():
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            log.warning("removed %d half-written file(s) from %s", removed, self._tmp)
+        return removed
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def stage(self, data: bytes) -> StagedFile:
+        """Write ``data`` to a temporary file and fsync it. Raises StorageFullError/StorageError."""
+        if self.min_free_bytes and self.free_bytes() - len(data) < self.min_free_bytes:
+            raise StorageFullError(
+                f"spool free space below the configured minimum of {self.min_free_bytes} bytes"
+            )
+        temp = self._tmp / f"{uuid.uuid4().hex}.part"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise _storage_error(exc, "writing to the spool") from exc
+        return StagedFile(temp, len(data), hashlib.sha256(data).hexdigest())
+
+    def commit(self, staged: StagedFile, rel_path: str) -> Path:
+        """Move a staged file to its final name, durably. Replaces an existing file atomically."""
+        final = self.root / rel_path
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged.temp_path, final)
+            if self.fsync:
+                _fsync_dir(final.parent)
+        except OSError as exc:
+            staged.temp_path.unlink(missing_ok=True)
+            raise _storage_error(exc, "moving a file into the spool") from exc
+        return final
+
+    def discard(self, staged: StagedFile) -> None:
+        staged.temp_path.unlink(missing_ok=True)
+
+    def remove(self, rel_path: str) -> None:
+        (self.root / rel_path).unlink(missing_ok=True)
+
+    def sha256_of(self, rel_path: str) -> str | None:
+        try:
+            return hashlib.sha256((self.root / rel_path).read_bytes()).hexdigest()
+        except FileNotFoundError:
+            return None
+
+    def iter_files(self) -> Iterator[str]:
+        """Relative paths of every committed file (for reconciliation with the index)."""
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = [d for d in dirnames if d != TMP_DIR]
+            base = Path(dirpath).relative_to(self.root)
+            for name in filenames:
+                if name.endswith(".dcm"):
+                    yield (base / name).as_posix()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _storage_error(exc: OSError, doing: str) -> StorageFullError | StorageError:
+    if exc.errno in _NO_SPACE:
+        return StorageFullError(f"no space left on the spool volume while {doing}")
+    return StorageError(f"{doing} failed: {exc.strerror or exc}")
