@@ -152,11 +152,11 @@ class Assembly:
             for series in session.scalars(
                 select(SeriesRow).where(SeriesRow.state == RECEIVING)
             ):
-                if series.last_received_at <= quiet:
-                    done.append(self._complete_series(session, series, CompletionReasonValues.QUIET))
-                elif series.first_received_at <= deadline:
+                if series.first_received_at <= deadline:
                     done.append(self._complete_series(session, series,
                                                       CompletionReasonValues.DEADLINE))
+                elif series.last_received_at <= quiet:
+                    done.append(self._complete_series(session, series, CompletionReasonValues.QUIET))
             for study in session.scalars(select(StudyRow).where(StudyRow.state == RECEIVING)):
                 open_series = session.scalars(
                     select(SeriesRow).where(
@@ -164,11 +164,11 @@ class Assembly:
                         SeriesRow.state == RECEIVING,
                     )
                 ).first()
-                if open_series is None and study.last_received_at <= study_quiet:
-                    done.append(self._complete_study(session, study, CompletionReasonValues.QUIET))
-                elif study.first_received_at <= deadline:
+                if study.first_received_at <= deadline:
                     done.append(self._complete_study(session, study,
                                                      CompletionReasonValues.DEADLINE))
+                elif open_series is None and study.last_received_at <= study_quiet:
+                    done.append(self._complete_study(session, study, CompletionReasonValues.QUIET))
         return done
 
     def _verdict(self, session: Session, series: SeriesRow) -> Verdict:
@@ -176,7 +176,7 @@ class Assembly:
             select(InstanceRow.instance_number, InstanceRow.position_x, InstanceRow.position_y,
                    InstanceRow.position_z, InstanceRow.orientation)
             .where(InstanceRow.series_instance_uid == series.series_instance_uid)
-        ).tuples()
+        ).all()
         return check_series(rows, images_in_acquisition=series.images_in_acquisition,
                             tolerance=self.settings.slice_spacing_tolerance)
 

@@ -14,7 +14,7 @@ import logging
 import threading
 from datetime import UTC, datetime
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -31,6 +31,27 @@ from node.header import read_header
 from node.spool import Spool, StagedFile, relative_path
 
 log = logging.getLogger(__name__)
+
+
+_RECEIVING = UnitStateValues.RECEIVING.value
+# Built once: constructing SQLAlchemy statements costs more than running them.
+_SELECT_SHA = select(InstanceRow.sha256).where(InstanceRow.sop_instance_uid == bindparam("uid"))
+_TOUCH_STUDY = (
+    update(StudyRow)
+    .where(StudyRow.study_instance_uid == bindparam("uid"), StudyRow.state == _RECEIVING)
+    .values(last_received_at=bindparam("now"))
+)
+_TOUCH_SERIES = (
+    update(SeriesRow)
+    .where(SeriesRow.series_instance_uid == bindparam("uid"), SeriesRow.state == _RECEIVING)
+    .values(last_received_at=bindparam("now"))
+    .returning(SeriesRow.generation)
+)
+_INSERT_INSTANCE = insert(InstanceRow)
+_UPDATE_INSTANCE = (
+    update(InstanceRow)
+    .where(InstanceRow.sop_instance_uid == bindparam("where_uid"))
+)
 
 
 def utcnow() -> datetime:
@@ -81,42 +102,58 @@ class Intake:
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
         )
         now = utcnow()
-        existing: InstanceRow | None = None
+        existing: str | None = None
+        renamed = False
         try:
-            with Session(self.engine) as session, session.begin():
-                existing = session.get(InstanceRow, header.sop_instance_uid)
-                if existing is not None and existing.sha256 == staged.sha256:
-                    return StoreOutcome(StoreResultValues.DUPLICATE, header, existing.path,
-                                        staged.size)
-                generation = self._touch_units(session, header, peer, now)
-                session.flush()
+            with self.engine.begin() as conn:
+                existing = conn.scalar(_SELECT_SHA, {"uid": header.sop_instance_uid})
+                if existing == staged.sha256:
+                    return StoreOutcome(StoreResultValues.DUPLICATE, header, rel, staged.size)
+                generation = self._touch_receiving(conn, header, now)
+                if generation is None:
+                    with Session(bind=conn) as session:
+                        generation = self._touch_units(session, header, peer, now)
+                        session.flush()
                 self.spool.commit(staged, rel)
-                try:
-                    if existing is None:
-                        result = StoreResultValues.STORED
-                        session.add(_instance_row(header, rel, staged, generation, now))
-                    else:
-                        result = StoreResultValues.REPLACED
-                        _replace_instance(existing, header, rel, staged, generation, now)
-                    session.flush()
-                except BaseException:
-                    if existing is None:
-                        self.spool.remove(rel)
-                    raise
+                renamed = True
+                values = _instance_values(header, rel, staged, generation, now)
+                if existing is None:
+                    conn.execute(_INSERT_INSTANCE, values)
+                else:
+                    values["where_uid"] = values.pop("sop_instance_uid")
+                    conn.execute(_UPDATE_INSTANCE, values)
         except OperationalError as exc:
-            if existing is None and (self.spool.root / rel).exists():
-                self.spool.remove(rel)
+            self._undo(rel, renamed=renamed, replaced=existing is not None)
             if "full" in str(exc.orig).lower():
                 raise StorageFullError("the index database's disk is full") from exc
             raise StorageError(f"indexing failed: {exc.orig}") from exc
         except SQLAlchemyError as exc:
+            self._undo(rel, renamed=renamed, replaced=existing is not None)
             raise StorageError(f"indexing failed: {exc}") from exc
-        if result is StoreResultValues.REPLACED:
+        if existing is not None:
             log.warning(
                 "instance %s received again with different content; kept the newest",
                 header.sop_instance_uid,
             )
-        return StoreOutcome(result, header, rel, staged.size)
+            return StoreOutcome(StoreResultValues.REPLACED, header, rel, staged.size)
+        return StoreOutcome(StoreResultValues.STORED, header, rel, staged.size)
+
+    def _undo(self, rel: str, *, renamed: bool, replaced: bool) -> None:
+        """The index refused a file already renamed into place: take it away again.
+
+        A replaced file cannot be restored; reconciliation re-reads it at the next start.
+        """
+        if renamed and not replaced:
+            self.spool.remove(rel)
+
+    @staticmethod
+    def _touch_receiving(conn: Connection, h: InstanceHeader, now: datetime) -> int | None:
+        """The common case in two statements: study and series exist and are receiving."""
+        study = conn.execute(_TOUCH_STUDY, {"uid": h.study_instance_uid, "now": now})
+        if study.rowcount != 1:
+            return None
+        generation = conn.scalar(_TOUCH_SERIES, {"uid": h.series_instance_uid, "now": now})
+        return int(generation) if generation is not None else None
 
     def _touch_units(
         self, session: Session, h: InstanceHeader, peer: AssociationInfo | None, now: datetime
@@ -200,37 +237,34 @@ class Intake:
                     continue
                 generation = self._touch_units(session, header, None, utcnow())
                 session.flush()
-                session.add(_instance_row(header, rel, staged, generation, utcnow()))
+                session.execute(_INSERT_INSTANCE,
+                                _instance_values(header, rel, staged, generation, utcnow()))
             added += 1
         if added:
             log.warning("indexed %d spool file(s) that had no index row", added)
         return added
 
 
-def _instance_row(
+def _instance_values(
     h: InstanceHeader, rel: str, staged: StagedFile, generation: int, now: datetime
-) -> InstanceRow:
-    row = InstanceRow(sop_instance_uid=h.sop_instance_uid)
-    _replace_instance(row, h, rel, staged, generation, now)
-    return row
-
-
-def _replace_instance(
-    row: InstanceRow, h: InstanceHeader, rel: str, staged: StagedFile, generation: int,
-    now: datetime,
-) -> None:
-    row.series_instance_uid = h.series_instance_uid
-    row.sop_class_uid = h.sop_class_uid
-    row.transfer_syntax_uid = h.transfer_syntax_uid
-    row.instance_number = h.instance_number
+) -> dict[str, object]:
     pos = h.image_position
-    row.position_x, row.position_y, row.position_z = pos if pos else (None, None, None)
-    row.orientation = (
-        "\\".join(f"{v:.6f}" for v in h.image_orientation) if h.image_orientation else None
-    )
-    row.number_of_frames = h.number_of_frames
-    row.path = rel
-    row.size = staged.size
-    row.sha256 = staged.sha256
-    row.generation = generation
-    row.received_at = now
+    return {
+        "sop_instance_uid": h.sop_instance_uid,
+        "series_instance_uid": h.series_instance_uid,
+        "sop_class_uid": h.sop_class_uid,
+        "transfer_syntax_uid": h.transfer_syntax_uid,
+        "instance_number": h.instance_number,
+        "position_x": pos[0] if pos else None,
+        "position_y": pos[1] if pos else None,
+        "position_z": pos[2] if pos else None,
+        "orientation": (
+            "\\".join(f"{v:.6f}" for v in h.image_orientation) if h.image_orientation else None
+        ),
+        "number_of_frames": h.number_of_frames,
+        "path": rel,
+        "size": staged.size,
+        "sha256": staged.sha256,
+        "generation": generation,
+        "received_at": now,
+    }

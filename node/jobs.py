@@ -223,7 +223,7 @@ class JobRunner:
     """Threads that claim jobs of the kinds they have handlers for and run them."""
 
     def __init__(self, store: JobStore, handlers: Mapping[str, JobHandler], *,
-                 workers: int = 1, poll_seconds: float = 0.2) -> None:
+                 workers: int = 1, poll_seconds: float = 1.0) -> None:
         self.store = store
         self.handlers = dict(handlers)
         self.workers = workers

@@ -1,0 +1,58 @@
+"""DESIGN: dependencies point inward. node/ core imports no network, GPU or scheduler
+library; only the composition root and modules whose job is that library may."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HEAVY = {"pynetdicom", "dicomweb_client", "torch", "monai", "apscheduler", "adapters",
+         "requests", "httpx"}
+# module (relative to node/) -> libraries it may import
+ALLOWED = {
+    "app.py": {"adapters", "pynetdicom", "dicomweb_client", "apscheduler"},
+    "cli.py": {"adapters", "pynetdicom", "dicomweb_client", "apscheduler"},
+    "inference": {"torch", "monai"},
+    "schedule.py": {"apscheduler"},
+}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_node_core_does_not_import_adapters_or_heavy_libraries() -> None:
+    offenders = []
+    for path in sorted((ROOT / "node").rglob("*.py")):
+        rel = path.relative_to(ROOT / "node")
+        allowed = ALLOWED.get(rel.parts[0], set())
+        bad = (_imports(path) & HEAVY) - allowed
+        if bad:
+            offenders.append(f"node/{rel.as_posix()}: {sorted(bad)}")
+    assert offenders == []
+
+
+def test_adapters_do_not_import_the_composition_root() -> None:
+    for path in sorted((ROOT / "adapters").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert node.module not in {"node.app", "node.cli"}, path
+
+
+def test_receiver_path_never_imports_torch() -> None:
+    import subprocess
+    import sys
+    code = ("import sys, node.app, node.cli, adapters.dimse; "
+            "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         check=True).stdout.strip()
+    assert out == "[]"

@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from node.db import InstanceRow, SeriesRow, StudyRow
+from node.domain import StoreResultValues
+from node.errors import DatasetMismatchError, InvalidInstanceError, StorageFullError
+from node.spool import Spool, safe_component
+from tests.unit.helpers import Rig, encode, small_series
+
+
+def _count(rig: Rig) -> int:
+    with Session(rig.engine) as s:
+        return int(s.scalar(select(func.count()).select_from(InstanceRow)) or 0)
+
+
+def test_store_writes_exact_bytes_and_indexes(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    series = small_series(3)
+    for ds in series.datasets:
+        data = encode(ds)
+        outcome = rig.intake.store(data)
+        assert outcome.result is StoreResultValues.STORED
+        assert (rig.spool.root / outcome.path).read_bytes() == data
+    assert _count(rig) == 3
+    with Session(rig.engine) as s:
+        row = s.get(SeriesRow, series.series_instance_uid)
+        assert row is not None and row.modality == "CT" and row.images_in_acquisition == 3
+        study = s.get(StudyRow, series.datasets[0].StudyInstanceUID)
+        assert study is not None and study.patient_id == series.datasets[0].PatientID
+    assert list((rig.spool.root / ".tmp").iterdir()) == []
+
+
+def test_duplicate_same_bytes_is_success_without_second_copy(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    data = encode(small_series(1).datasets[0])
+    first = rig.intake.store(data)
+    second = rig.intake.store(data)
+    assert second.result is StoreResultValues.DUPLICATE and second.path == first.path
+    assert _count(rig) == 1
+    assert sum(1 for _ in rig.spool.iter_files()) == 1
+
+
+def test_duplicate_with_different_bytes_keeps_newest(tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    rig = Rig(tmp_path)
+    ds = small_series(1).datasets[0]
+    rig.intake.store(encode(ds))
+    ds.SeriesDescription = "corrected"
+    newer = encode(ds)
+    outcome = rig.intake.store(newer)
+    assert outcome.result is StoreResultValues.REPLACED
+    assert (rig.spool.root / outcome.path).read_bytes() == newer
+    assert _count(rig) == 1
+    assert any("different content" in r.getMessage() for r in caplog.records)
+
+
+def test_mismatched_uid_is_refused(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    data = encode(small_series(1).datasets[0])
+    with pytest.raises(DatasetMismatchError, match="Affected SOP Instance UID"):
+        rig.intake.store(data, expected_sop_instance_uid="1.2.3")
+    assert _count(rig) == 0
+
+
+def test_garbage_and_missing_uids_are_refused(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    with pytest.raises(InvalidInstanceError):
+        rig.intake.store(b"\x00" * 10)
+    ds = small_series(1).datasets[0]
+    del ds.SeriesInstanceUID
+    with pytest.raises(InvalidInstanceError, match="SeriesInstanceUID"):
+        rig.intake.store(encode(ds))
+    assert _count(rig) == 0 and list(rig.spool.iter_files()) == []
+
+
+def test_min_free_space_refuses_before_writing(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, min_free_bytes=1 << 62)
+    spool.prepare()
+    with pytest.raises(StorageFullError):
+        spool.stage(b"x" * 10)
+    assert list((tmp_path / ".tmp").iterdir()) == []
+
+
+def test_prepare_removes_half_written_files(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    (tmp_path / ".tmp").mkdir()
+    (tmp_path / ".tmp" / "abc.part").write_bytes(b"half")
+    assert spool.prepare() == 1
+    assert list((tmp_path / ".tmp").iterdir()) == []
+
+
+def test_reconcile_indexes_a_file_whose_row_was_lost(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    series = small_series(2)
+    rig.intake.store(encode(series.datasets[0]))
+    orphan = encode(series.datasets[1])
+    staged = rig.spool.stage(orphan)   # a crash between rename and commit
+    from node.spool import relative_path
+    d = series.datasets[1]
+    rig.spool.commit(staged, relative_path(d.StudyInstanceUID, d.SeriesInstanceUID,
+                                           d.SOPInstanceUID))
+    assert _count(rig) == 1
+    assert rig.intake.reconcile() == 1
+    assert _count(rig) == 2
+    assert rig.intake.reconcile() == 0
+
+
+def test_unsafe_uid_never_becomes_a_path() -> None:
+    assert safe_component("1.2.3") == "1.2.3"
+    evil = safe_component("../../etc/passwd")
+    assert "/" not in evil and ".." not in evil and evil.startswith("x-")
+
+
+def test_spool_files_are_not_world_readable(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    out = rig.intake.store(encode(small_series(1).datasets[0]))
+    mode = os.stat(rig.spool.root / out.path).st_mode
+    assert mode & 0o007 == 0

@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from node.db import JobRow
+from node.errors import DeliveryError, JobError
+from node.jobs import Job, JobRunner, JobSpec, JobStateValues, JobStore
+from tests.unit.helpers import Rig
+
+
+def _spec(key: str, priority: int = 50, kind: str = "forward") -> JobSpec:
+    return JobSpec(key, kind, "r", "1.2.3", "1.2.3.4", 1, {"destinations": ["pacs"]}, priority)
+
+
+def _add(store: JobStore, *specs: JobSpec) -> None:
+    with Session(store.engine) as session, session.begin():
+        for spec in specs:
+            store.add(session, spec)
+
+
+def test_same_key_is_added_once(tmp_path: Path) -> None:
+    store = Rig(tmp_path).jobs
+    _add(store, _spec("a"))
+    with Session(store.engine) as session, session.begin():
+        assert store.add(session, _spec("a")) is False
+    assert len(store.list()) == 1
+
+
+def test_claim_takes_highest_priority_first_and_only_known_kinds(tmp_path: Path) -> None:
+    store = Rig(tmp_path).jobs
+    _add(store, _spec("low", 10), _spec("stat", 90), _spec("infer", 100, kind="infer"))
+    first = store.claim({"forward"})
+    assert first is not None and first.key == "stat" and first.state is JobStateValues.RUNNING
+    assert first.attempts == 1
+    second = store.claim({"forward"})
+    assert second is not None and second.key == "low"
+    assert store.claim({"forward"}) is None
+    assert store.list(state="pending")[0].kind == "infer"
+
+
+def test_failure_backs_off_exponentially_then_dead_letters(tmp_path: Path) -> None:
+    store = Rig(tmp_path).jobs     # max_attempts 3, base 1 s
+    _add(store, _spec("a"))
+    delays = []
+    for attempt in range(1, 4):
+        with Session(store.engine) as s, s.begin():   # let it be claimable now
+            s.execute(update(JobRow).values(not_before=None))
+        job = store.claim({"forward"})
+        assert job is not None and job.attempts == attempt
+        state = store.fail(job.id, "pacs down", retryable=True)
+        after = store.get(job.id)
+        if attempt < 3:
+            assert state is JobStateValues.PENDING and after.not_before is not None
+            delays.append((after.not_before - after.updated_at).total_seconds())
+        else:
+            assert state is JobStateValues.DEAD
+    assert delays[0] == pytest.approx(1, abs=0.1) and delays[1] == pytest.approx(2, abs=0.1)
+    assert store.get(job.id).last_error == "pacs down"
+    revived = store.retry(job.id)
+    assert revived.state is JobStateValues.PENDING and revived.attempts == 0
+
+
+def test_backoff_is_capped(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    from node.settings import JobSettings
+    store = JobStore(rig.engine, JobSettings(retry_base_seconds=100, retry_max_seconds=150,
+                                             max_attempts=10))
+    _add(store, _spec("a"))
+    for _ in range(3):
+        with Session(store.engine) as s, s.begin():
+            s.execute(update(JobRow).values(not_before=None))
+        job = store.claim({"forward"})
+        assert job is not None
+        store.fail(job.id, "x", retryable=True)
+    after = store.get(job.id)
+    assert after.not_before is not None
+    assert after.not_before - after.updated_at <= timedelta(seconds=150.5)
+
+
+def test_not_retryable_fails_at_once_and_cancel_rules(tmp_path: Path) -> None:
+    store = Rig(tmp_path).jobs
+    _add(store, _spec("a"), _spec("b"))
+    job = store.claim({"forward"})
+    assert job is not None
+    assert store.fail(job.id, "bad", retryable=False) is JobStateValues.FAILED
+    with pytest.raises(JobError, match="already failed"):
+        store.cancel(job.id)
+    other = store.list(state="pending")[0]
+    assert store.cancel(other.id).state is JobStateValues.CANCELLED
+    _add(store, _spec("c"))
+    done = store.claim({"forward"})
+    assert done is not None
+    store.advance(done.id, JobStateValues.DONE)
+    with pytest.raises(JobError, match="only failed, dead or cancelled"):
+        store.retry(done.id)
+    with pytest.raises(JobError, match="no job with id 999"):
+        store.get(999)
+
+
+def test_recover_resumes_in_flight_jobs_with_their_step(tmp_path: Path) -> None:
+    store = Rig(tmp_path).jobs
+    _add(store, _spec("a"))
+    job = store.claim({"forward"})
+    assert job is not None
+    store.advance(job.id, JobStateValues.DELIVERING, step="sent:pacs")
+    # a kill -9 here; on restart:
+    assert store.recover() == 1
+    again = store.claim({"forward"})
+    assert again is not None and again.id == job.id and again.step == "sent:pacs"
+
+
+def test_runner_maps_errors_to_states(tmp_path: Path) -> None:
+    store = Rig(tmp_path).jobs
+    _add(store, _spec("ok"), _spec("retry"), _spec("bug"))
+    seen: list[str] = []
+
+    def handler(job: Job, s: JobStore) -> None:
+        seen.append(job.key)
+        if job.key == "retry":
+            raise DeliveryError("down", retryable=True)
+        if job.key == "bug":
+            raise RuntimeError("oops")
+        s.advance(job.id, JobStateValues.DONE)
+
+    runner = JobRunner(store, {"forward": handler})
+    while runner.run_once():
+        pass
+    states = {j.key: (j.state, j.last_error) for j in store.list()}
+    assert states["ok"][0] is JobStateValues.DONE
+    assert states["retry"] == (JobStateValues.PENDING, "down")
+    assert states["bug"][0] is JobStateValues.PENDING and "oops" in (states["bug"][1] or "")
+    assert sorted(seen) == ["bug", "ok", "retry"]

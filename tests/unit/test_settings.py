@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from node.cli import main
+from node.errors import ConfigError
+from node.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _write(tmp_path: Path, text: str, name: str = "pacsnode.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_shipped_default_config_is_valid() -> None:
+    settings = load_settings(ROOT / "config" / "pacsnode.toml")
+    assert settings.node.ae_title == "PACSNODE"
+    assert settings.storage.database.startswith("sqlite:///")
+    assert settings.storage.spool.is_absolute()
+
+
+def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
+    cfg = _write(tmp_path, '[storage]\nspool = "s"\ndatabase = "sqlite:///db/x.db"\n')
+    settings = load_settings(cfg)
+    assert settings.storage.spool == (tmp_path / "s").resolve()
+    assert settings.storage.database == f"sqlite:///{(tmp_path / 'db/x.db').resolve()}"
+
+
+def test_settings_are_frozen(tmp_path: Path) -> None:
+    settings = load_settings(_write(tmp_path, ""))
+    with pytest.raises(Exception):
+        settings.node.port = 1  # type: ignore[misc]
+
+
+def test_unknown_key_is_an_error_with_a_suggestion(tmp_path: Path) -> None:
+    cfg = _write(tmp_path, '[node]\nae_titel = "X"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    (problem,) = err.value.problems
+    assert str(cfg) in problem and "node.ae_titel" in problem and "'ae_title'" in problem
+
+
+def test_error_names_file_key_value_and_expectation(tmp_path: Path) -> None:
+    cfg = _write(tmp_path, '[node]\nport = 70000\n'
+                 'allowed_callers = [{ ae_title = "A", host = "10.0.0.0/33" }]\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    text = "\n".join(err.value.problems)
+    assert f"{cfg}: node.port" in text and "70000" in text and "65535" in text
+    assert "node.allowed_callers[0].host" in text and "'10.0.0.0/33'" in text
+    assert "CIDR" in text
+
+
+def test_ae_title_too_long(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="invalid configuration") as err:
+        load_settings(_write(tmp_path, '[node]\nae_title = "ABCDEFGHIJKLMNOPQ"\n'))
+    assert "1 to 16 characters" in err.value.problems[0]
+
+
+def test_route_must_name_known_model_and_destination(tmp_path: Path) -> None:
+    cfg = _write(tmp_path, '[[destinations]]\nname = "pacs"\nkind = "dimse"\n'
+                 'ae_title = "O"\nhost = "127.0.0.1"\nport = 4242\n'
+                 '[[routes]]\nname = "r"\nmodels = ["nope"]\ndestinations = ["pac"]\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    text = str(err.value)
+    assert "routes[0].models[0]: unknown model 'nope'" in text
+    assert "routes[0].destinations[0]: unknown destination 'pac'" in text
+    assert "['pacs']" in text
+
+
+def test_dimse_destination_needs_address(tmp_path: Path) -> None:
+    cfg = _write(tmp_path, '[[destinations]]\nname = "pacs"\nkind = "dimse"\nhost = "h"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    assert "destinations[0]" in err.value.problems[0]
+    assert "ae_title, port" in err.value.problems[0]
+
+
+def test_bad_toml_names_the_file(tmp_path: Path) -> None:
+    cfg = _write(tmp_path, "[node\n")
+    with pytest.raises(ConfigError, match=str(cfg)):
+        load_settings(cfg)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "absent.toml")
+
+
+def test_includes_add_routes_and_reject_other_sections(tmp_path: Path) -> None:
+    _write(tmp_path, '[[routes]]\nname = "inc"\nmatch = { Modality = "CT" }\n', "routes.toml")
+    settings = load_settings(_write(tmp_path, 'include = ["routes.toml"]\n'))
+    assert isinstance(settings, Settings) and [r.name for r in settings.routes] == ["inc"]
+    _write(tmp_path, '[node]\nport = 1\n', "bad.toml")
+    with pytest.raises(ConfigError, match="an included file may only hold"):
+        load_settings(_write(tmp_path, 'include = ["bad.toml"]\n', "main2.toml"))
+
+
+def test_config_check_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = _write(tmp_path, "")
+    assert main(["config", "check", "-c", str(good)]) == 0
+    bad = _write(tmp_path, "[node]\nport = 0\n", "bad.toml")
+    assert main(["config", "check", "--json", "-c", str(bad)]) == 3
+    out = capsys.readouterr().out
+    assert '"valid": false' in out and "node.port" in out
+
+
+def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _write(tmp_path, '[node]\nae_title = "FROMENV"\n')
+    monkeypatch.setenv("PACSNODE_CONFIG", str(cfg))
+    assert load_settings().node.ae_title == "FROMENV"
