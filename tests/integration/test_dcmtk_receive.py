@@ -1,0 +1,162 @@
+"""dcmtk as the modality: echo, a 300-slice CT, completion, association policy,
+transfer syntaxes stored exactly as received."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import zlib
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from node import synth
+from tests.integration.dbview import IndexView
+from tests.support import TCP_ENV, storescu, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _index(node: Any) -> IndexView:
+    return IndexView(node.config.parent / "index.db")
+
+
+def _echo(port: int, *, aet: str = "ECHOSCU", aec: str = "PACSNODE") -> int:
+    return subprocess.run(["echoscu", "-aet", aet, "-aec", aec, "127.0.0.1", str(port)],
+                          capture_output=True, env=TCP_ENV, timeout=30).returncode
+
+
+def _dataset_bytes(path: Path) -> bytes:
+    """The data set part of a Part 10 file (everything after the file meta group)."""
+    raw = path.read_bytes()
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    meta_len = int(ds.file_meta.FileMetaInformationGroupLength)
+    return raw[132 + 12 + meta_len:]
+
+
+@pytest.fixture(scope="module")
+def ct300(tmp_path_factory: pytest.TempPathFactory) -> tuple[synth.SyntheticStudy, list[Path]]:
+    out = tmp_path_factory.mktemp("ct300")
+    study = synth.make_study(synth.SeriesSpec(slices=300, rows=512, columns=512,
+                                              slice_thickness_mm=1.0), seed=3)
+    return study, synth.write_study(study, out)
+
+
+def test_echo(dcmtk: None, node_factory: Any) -> None:
+    node = node_factory().start()
+    assert _echo(node.port) == 0
+
+
+def test_300_slice_ct_arrives_whole_and_completes_by_fast_path(
+        dcmtk: None, node_factory: Any, ct300: tuple[synth.SyntheticStudy, list[Path]]) -> None:
+    study, files = ct300
+    node = node_factory(assembly={"series_quiet_seconds": 30.0, "study_quiet_seconds": 60.0})
+    node.start()
+    result = storescu(node.port, files)
+    released = datetime.now(UTC).replace(tzinfo=None)
+    assert result.returncode == 0, result.stderr
+    index = _index(node)
+    assert index.counts() == (1, 1, 300)
+    series_uid = study.series[0].series_instance_uid
+    row = wait_for(lambda: (s := index.series(series_uid)) and s["state"] == "complete" and s,
+                   timeout=5)
+    assert row["completion_reason"] == "fast_path"
+    assert (row["completed_at"] - released).total_seconds() < 1.0
+    sent = {str(ds.SOPInstanceUID) for ds in study.series[0].datasets}
+    assert index.sop_uids() == sent
+    spool = node.config.parent / "spool"
+    for sop, rel in list(index.paths().items())[::50]:
+        original = files[[str(d.SOPInstanceUID) for d in study.series[0].datasets].index(sop)]
+        assert _dataset_bytes(spool / rel) == _dataset_bytes(original)
+
+
+def test_series_with_a_missing_slice_waits_for_the_quiet_period(
+        dcmtk: None, node_factory: Any, tmp_path: Path) -> None:
+    spec = synth.SeriesSpec(slices=20, rows=64, columns=64, omit_instance_numbers=(7,))
+    study = synth.make_study(spec, seed=5)
+    files = synth.write_study(study, tmp_path / "gap")
+    node = node_factory(assembly={"series_quiet_seconds": 3.0, "study_quiet_seconds": 4.0})
+    node.start()
+    assert storescu(node.port, files).returncode == 0
+    released = time.monotonic()
+    index = _index(node)
+    uid = study.series[0].series_instance_uid
+    time.sleep(1.5)
+    assert index.series(uid)["state"] == "receiving"
+    row = wait_for(lambda: (s := index.series(uid)) and s["state"] == "complete" and s,
+                   timeout=10)
+    assert row["completion_reason"] == "quiet"
+    assert time.monotonic() - released >= 2.5
+    assert "not provably complete at release" in node.log()
+
+
+def test_unknown_calling_ae_and_wrong_called_ae_are_rejected_with_a_reason(
+        dcmtk: None, node_factory: Any) -> None:
+    node = node_factory(node={"allowed_callers": [
+        {"ae_title": "GOODSCU", "host": "127.0.0.1"},
+        {"ae_title": "FARSCU", "host": "10.9.0.0/16"},
+    ]}).start()
+    assert _echo(node.port, aet="GOODSCU") == 0
+    assert _echo(node.port, aet="BADSCU") != 0
+    assert _echo(node.port, aet="FARSCU") != 0
+    assert _echo(node.port, aet="GOODSCU", aec="NOTUS") != 0
+    log = node.log()
+    assert "rejected: calling AE title 'BADSCU' is not in allowed_callers" in log
+    assert "calling AE title 'FARSCU' is allowed, but not from address 127.0.0.1" in log
+    assert "called AE title 'NOTUS' is not ours ('PACSNODE')" in log
+    assert log.count("GOODSCU (127.0.0.1) rejected") == 1     # only the NOTUS attempt
+
+
+PROPOSE = {
+    "1.2.840.10008.1.2.5": "-xr", "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.1.99": "-xd", "1.2.840.10008.1.2.4.50": "-xy",
+}
+
+
+def _dcmtk_convert(tool: str, option: str, src: Path, dst: Path) -> Path:
+    subprocess.run([tool, option, str(src), str(dst)], check=True, capture_output=True)
+    return dst
+
+
+def test_compressed_transfer_syntaxes_are_stored_exactly_as_received(
+        dcmtk: None, node_factory: Any, tmp_path: Path) -> None:
+    base = synth.make_study(synth.SeriesSpec(slices=4, rows=64, columns=64), seed=9)
+    plain = synth.write_study(base, tmp_path / "plain")
+    files: dict[str, Path] = {}
+    for name, uid in (("rle", "1.2.840.10008.1.2.5"), ("j2k", "1.2.840.10008.1.2.4.90"),
+                      ("jls", "1.2.840.10008.1.2.4.80")):
+        study = synth.make_study(synth.SeriesSpec(slices=2, rows=64, columns=64,
+                                                  series_description=name), seed=10)
+        files[uid] = synth.write_study(study, tmp_path / name, transfer_syntax=uid)[0]
+    files["1.2.840.10008.1.2.4.70"] = _dcmtk_convert("dcmcjpeg", "+e1", plain[0],
+                                                     tmp_path / "jpeg_lossless.dcm")
+    files["1.2.840.10008.1.2.1.99"] = _dcmtk_convert("dcmconv", "+td", plain[1],
+                                                     tmp_path / "deflated.dcm")
+    baseline = Path(pydicom.data.get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
+    files["1.2.840.10008.1.2.4.50"] = baseline
+    node = node_factory().start()
+    for uid, path in files.items():
+        assert str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID) \
+            == uid
+        # propose the file's own transfer syntax, so storescu sends it unconverted
+        result = storescu(node.port, [path], extra=[PROPOSE[uid], "-R"])
+        assert result.returncode == 0, (uid, result.stderr)
+    index = _index(node)
+    spool = node.config.parent / "spool"
+    paths = index.paths()
+    for uid, path in files.items():
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        stored = spool / paths[str(ds.SOPInstanceUID)]
+        assert str(pydicom.dcmread(stored, stop_before_pixels=True).file_meta
+                   .TransferSyntaxUID) == uid
+        if uid == "1.2.840.10008.1.2.1.99":
+            # storescu re-deflates on the wire (its own compression level and padding):
+            # what was received is stored, and it inflates to the original data set.
+            assert zlib.decompress(_dataset_bytes(stored), -15) == \
+                zlib.decompress(_dataset_bytes(path), -15)
+        else:
+            assert _dataset_bytes(stored) == _dataset_bytes(path), uid
