@@ -13,6 +13,7 @@ import hashlib
 import logging
 import threading
 from datetime import UTC, datetime
+from pathlib import Path
 
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
@@ -26,7 +27,7 @@ from node.domain import (
     StoreResultValues,
     UnitStateValues,
 )
-from node.errors import DatasetMismatchError, StorageError, StorageFullError
+from node.errors import DatasetMismatchError, IntakeError, StorageError, StorageFullError
 from node.header import read_header
 from node.spool import Spool, StagedFile, relative_path
 
@@ -104,6 +105,7 @@ class Intake:
         now = utcnow()
         existing: str | None = None
         renamed = False
+        previous: Path | None = None
         try:
             with self.engine.begin() as conn:
                 existing = conn.scalar(_SELECT_SHA, {"uid": header.sop_instance_uid})
@@ -114,22 +116,29 @@ class Intake:
                     with Session(bind=conn) as session:
                         generation = self._touch_units(session, header, peer, now)
                         session.flush()
-                self.spool.commit(staged, rel)
-                renamed = True
                 values = _instance_values(header, rel, staged, generation, now)
                 if existing is None:
                     conn.execute(_INSERT_INSTANCE, values)
                 else:
                     values["where_uid"] = values.pop("sop_instance_uid")
                     conn.execute(_UPDATE_INSTANCE, values)
+                    previous = self.spool.keep_previous(rel)
+                self.spool.commit(staged, rel)
+                renamed = True
         except OperationalError as exc:
-            self._undo(rel, renamed=renamed, replaced=existing is not None)
+            self._undo(rel, renamed=renamed, previous=previous)
             if "full" in str(exc.orig).lower():
                 raise StorageFullError("the index database's disk is full") from exc
             raise StorageError(f"indexing failed: {exc.orig}") from exc
         except SQLAlchemyError as exc:
-            self._undo(rel, renamed=renamed, replaced=existing is not None)
+            self._undo(rel, renamed=renamed, previous=previous)
             raise StorageError(f"indexing failed: {exc}") from exc
+        except IntakeError:
+            if previous is not None:
+                previous.unlink(missing_ok=True)
+            raise
+        if previous is not None:
+            previous.unlink(missing_ok=True)
         if existing is not None:
             log.warning(
                 "instance %s received again with different content; kept the newest",
@@ -138,12 +147,11 @@ class Intake:
             return StoreOutcome(StoreResultValues.REPLACED, header, rel, staged.size)
         return StoreOutcome(StoreResultValues.STORED, header, rel, staged.size)
 
-    def _undo(self, rel: str, *, renamed: bool, replaced: bool) -> None:
-        """The index refused a file already renamed into place: take it away again.
-
-        A replaced file cannot be restored; reconciliation re-reads it at the next start.
-        """
-        if renamed and not replaced:
+    def _undo(self, rel: str, *, renamed: bool, previous: Path | None) -> None:
+        """The index refused a file already renamed into place: put the spool back."""
+        if previous is not None:
+            self.spool.restore_previous(previous, rel)
+        elif renamed:
             self.spool.remove(rel)
 
     @staticmethod

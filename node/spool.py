@@ -104,6 +104,20 @@ class Spool:
             raise _storage_error(exc, "moving a file into the spool") from exc
         return final
 
+    def keep_previous(self, rel_path: str) -> Path | None:
+        """Hard-link the file about to be replaced into .tmp/, so a failure can restore it."""
+        keep = self._tmp / f"{uuid.uuid4().hex}.prev"
+        try:
+            os.link(self.root / rel_path, keep)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _storage_error(exc, "keeping the previous version of a file") from exc
+        return keep
+
+    def restore_previous(self, kept: Path, rel_path: str) -> None:
+        os.replace(kept, self.root / rel_path)
+
     def discard(self, staged: StagedFile) -> None:
         staged.temp_path.unlink(missing_ok=True)
 

@@ -122,3 +122,37 @@ def test_spool_files_are_not_world_readable(tmp_path: Path) -> None:
     out = rig.intake.store(encode(small_series(1).datasets[0]))
     mode = os.stat(rig.spool.root / out.path).st_mode
     assert mode & 0o007 == 0
+
+
+def test_failed_replacement_leaves_the_stored_version_intact(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3
+
+    from sqlalchemy import event
+
+    rig = Rig(tmp_path)
+    ds = small_series(1).datasets[0]
+    first = encode(ds)
+    stored = rig.intake.store(first)
+    ds.SeriesDescription = "second version"
+
+    def refuse_commit(conn: object) -> None:
+        from sqlalchemy.exc import OperationalError
+        raise OperationalError("COMMIT", {}, sqlite3.OperationalError("database or disk is full"))
+
+    event.listen(rig.engine, "commit", refuse_commit)
+    with pytest.raises(StorageFullError):
+        rig.intake.store(encode(ds))
+    event.remove(rig.engine, "commit", refuse_commit)
+    assert (rig.spool.root / stored.path).read_bytes() == first
+    with Session(rig.engine) as s:
+        row = s.get(InstanceRow, ds.SOPInstanceUID)
+        assert row is not None and row.size == len(first)
+    assert list((rig.spool.root / ".tmp").iterdir()) == []
+    # and a refused brand-new instance leaves no file behind
+    other = small_series(2, seed=4).datasets[1]
+    event.listen(rig.engine, "commit", refuse_commit)
+    with pytest.raises(StorageFullError):
+        rig.intake.store(encode(other))
+    event.remove(rig.engine, "commit", refuse_commit)
+    assert sum(1 for _ in rig.spool.iter_files()) == 1
