@@ -129,14 +129,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     from node import synth
 
-    lesions = tuple(synth.parse_lesion(t) for t in args.lesion) or None
-    spec = synth.SeriesSpec(
-        modality=args.modality, slices=args.slices, rows=args.size, columns=args.size,
-        slice_thickness_mm=args.thickness, lesions=lesions, seed=args.seed,
-        omit_instance_numbers=tuple(args.omit),
-    )
-    study = synth.make_study(spec, seed=args.seed)
-    paths = synth.write_study(study, Path(args.out), transfer_syntax=args.transfer_syntax)
+    try:
+        lesions = tuple(synth.parse_lesion(t) for t in args.lesion) or None
+        spec = synth.SeriesSpec(
+            modality=args.modality, slices=args.slices, rows=args.size, columns=args.size,
+            slice_thickness_mm=args.thickness, lesions=lesions, seed=args.seed,
+            omit_instance_numbers=tuple(args.omit),
+        )
+        study = synth.make_study(spec, seed=args.seed)
+        paths = synth.write_study(study, Path(args.out), transfer_syntax=args.transfer_syntax)
+    except ValueError as exc:
+        print(f"pacsnode synth: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     info = {"study_instance_uid": study.study_instance_uid, "files": len(paths),
             "out": args.out,
             "series": [{"series_instance_uid": s.series_instance_uid,
