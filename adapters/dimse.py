@@ -22,7 +22,6 @@ from pydicom.filereader import read_file_meta_info
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
-    AllStoragePresentationContexts,
     _config,
     evt,
 )
@@ -37,6 +36,7 @@ from node.errors import (
     StorageFullError,
 )
 from node.intake import Intake
+from node.part10 import file_header
 from node.ports import SendReport
 from node.settings import AllowedCaller, DestinationSettings, NodeSettings
 
@@ -56,7 +56,7 @@ class StatusValues:
 _REJECT_MARK = "\x00rejected"
 
 
-class _GatedAE(AE):  # type: ignore[misc]  # pynetdicom is untyped for mypy here
+class _GatedAE(AE):
     """An AE whose calling-AE check also looks at the peer's address.
 
     pynetdicom consults ``require_calling_aet`` from the association's own thread while
@@ -71,7 +71,7 @@ class _GatedAE(AE):  # type: ignore[misc]  # pynetdicom is untyped for mypy here
             weakref.WeakKeyDictionary()
         )
 
-    @property  # type: ignore[misc]
+    @property
     def require_calling_aet(self) -> list[str]:
         assoc = threading.current_thread()
         requestor = getattr(assoc, "requestor", None)
@@ -104,6 +104,16 @@ class _GatedAE(AE):  # type: ignore[misc]  # pynetdicom is untyped for mypy here
         log.warning("association from %s (%s) rejected: %s", calling, address, why)
         return [_REJECT_MARK]
 
+    def explained(self, assoc: threading.Thread) -> bool:
+        """Whether the allow-list check already logged why this association was refused."""
+        return self._decisions.get(assoc) == [_REJECT_MARK] or (
+            self.require_called_aet and self._called_mismatch(assoc))
+
+    def _called_mismatch(self, assoc: threading.Thread) -> bool:
+        primitive = getattr(getattr(assoc, "requestor", None), "primitive", None)
+        return primitive is not None and \
+            str(primitive.called_ae_title).strip() != self._own_title
+
 
 def _host_ok(rule: str | None, address: str) -> bool:
     if rule is None:
@@ -130,6 +140,7 @@ class DimseReceiver:
         self._series: dict[int, set[str]] = {}
         self._series_lock = threading.Lock()
         self._server: Any = None
+        self._ae: AE | None = None
 
     def build_ae(self) -> AE:
         s = self.settings
@@ -139,23 +150,27 @@ class DimseReceiver:
         ae.maximum_pdu_size = s.max_pdu_bytes
         ae.network_timeout = s.network_timeout_seconds
         ae.dimse_timeout = s.dimse_timeout_seconds
-        ae.acse_timeout = 30
+        # A bare TCP connect (a port probe) holds an association slot until this expires.
+        ae.acse_timeout = s.acse_timeout_seconds
+        # Storage contexts need no list: with pynetdicom's unrestricted storage service
+        # (set in start()) every Storage SOP class, standard, retired or private, is
+        # accepted with the first transfer syntax the peer proposes, and stored as sent.
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         return ae
 
     def start(self) -> None:
         # Accept Storage SOP classes pynetdicom does not list (private or newer ones).
         _config.UNRESTRICTED_STORAGE_SERVICE = True
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_ECHO, lambda event: StatusValues.SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_closed),
+            (evt.EVT_REJECTED, self._on_rejected),
         ]
         ae = self.build_ae()
+        self._ae = ae
         self._server = ae.start_server((self.settings.host, self.settings.port), block=False,
                                        evt_handlers=handlers)
         # Accepted sockets inherit TCP_NODELAY from the listening socket on Linux.
@@ -183,9 +198,13 @@ class DimseReceiver:
         )
         request = event.request
         sop_uid = str(request.AffectedSOPInstanceUID)
+        data = file_header(
+            str(request.AffectedSOPClassUID), sop_uid, str(event.context.transfer_syntax),
+            source_ae_title=peer.calling_ae_title,
+        ) + event.encoded_dataset(include_meta=False)
         try:
             outcome = self.intake.store(
-                event.encoded_dataset(include_meta=True),
+                data,
                 peer=peer,
                 expected_sop_instance_uid=sop_uid,
                 expected_sop_class_uid=str(request.AffectedSOPClassUID),
@@ -195,7 +214,8 @@ class DimseReceiver:
                       peer.calling_ae_title, exc)
             return StatusValues.OUT_OF_RESOURCES
         except DatasetMismatchError as exc:
-            log.warning("C-STORE %s from %s refused (A900): %s", sop_uid, peer.calling_ae_title, exc)
+            log.warning("C-STORE %s from %s refused (A900): %s", sop_uid,
+                        peer.calling_ae_title, exc)
             return StatusValues.DATASET_DOES_NOT_MATCH_SOP_CLASS
         except InvalidInstanceError as exc:
             log.warning("C-STORE %s from %s refused (C000 cannot understand): %s", sop_uid,
@@ -217,11 +237,26 @@ class DimseReceiver:
         if series:
             self.on_released(series)
 
+    def _on_rejected(self, event: Any) -> None:
+        ae = self._ae
+        if isinstance(ae, _GatedAE) and ae.explained(event.assoc):
+            return
+        requestor = event.assoc.requestor
+        log.warning("association from %s (%s) rejected: %d associations already active "
+                    "(max_associations)", str(requestor.ae_title).strip(), requestor.address,
+                    self.settings.max_associations)
+
     def _on_aborted(self, event: Any) -> None:
         self._take_series(event)
 
     def _on_closed(self, event: Any) -> None:
         self._take_series(event)
+        assoc = event.assoc
+        if assoc.is_acceptor and getattr(assoc.requestor, "primitive", None) is None:
+            # The peer closed before sending A-ASSOCIATE-RQ (a port probe). pynetdicom's
+            # association thread would wait acse_timeout for it, holding a slot of
+            # max_associations; an empty item wakes it into its own time-out path.
+            assoc.dul.to_user_queue.put(None)
 
 
 class DimseSender:

@@ -66,6 +66,7 @@ class Node:
         if self._assembly_thread is not None:
             self._assembly_thread.join(10)
         self.runner.stop()
+        self.intake.close()
         self.engine.dispose()
         log.info("stopped")
 
@@ -79,7 +80,7 @@ class Node:
             try:
                 done = self.assembly.on_association_released(series) if series else []
                 done += self.assembly.tick()
-            except Exception:  # noqa: BLE001  keep assembling; the database may come back
+            except Exception:
                 log.exception("assembly error")
                 continue
             if done:

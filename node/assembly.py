@@ -29,8 +29,8 @@ from sqlalchemy.orm import Session
 
 from node.db import InstanceRow, SeriesRow, StudyRow
 from node.domain import CompletedUnit, CompletionReasonValues, UnitStateValues
-from node.settings import AssemblySettings
 from node.intake import utcnow
+from node.settings import AssemblySettings
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,8 @@ class Assembly:
                     done.append(self._complete_series(session, series,
                                                       CompletionReasonValues.DEADLINE))
                 elif series.last_received_at <= quiet:
-                    done.append(self._complete_series(session, series, CompletionReasonValues.QUIET))
+                    done.append(self._complete_series(session, series,
+                                                      CompletionReasonValues.QUIET))
             for study in session.scalars(select(StudyRow).where(StudyRow.state == RECEIVING)):
                 open_series = session.scalars(
                     select(SeriesRow).where(

@@ -73,8 +73,9 @@ def cmd_echo(args: argparse.Namespace) -> int:
     try:
         seconds = DimseSender(ae_title=settings.node.ae_title).echo(dest)
     except DeliveryError as exc:
-        _emit(args, {"destination": dest.name, "ok": False, "error": str(exc)},
-              lambda: print(f"echo {dest.name}: FAILED: {exc}", file=sys.stderr))
+        error = str(exc)
+        _emit(args, {"destination": dest.name, "ok": False, "error": error},
+              lambda: print(f"echo {dest.name}: FAILED: {error}", file=sys.stderr))
         return EXIT_FAILED
     _emit(args, {"destination": dest.name, "ok": True, "seconds": round(seconds, 4)},
           lambda: print(f"echo {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -64,10 +65,29 @@ def _clip(value: str | None, length: int) -> str | None:
 
 
 class Intake:
-    def __init__(self, spool: Spool, engine: Engine, *, lock: threading.Lock | None = None) -> None:
+    """Stores instances; thread-safe (one call per association thread at a time)."""
+
+    def __init__(self, spool: Spool, engine: Engine, *, lock: threading.Lock | None = None,
+                 writers: int = 4) -> None:
         self.spool = spool
         self.engine = engine
         self._lock = lock or threading.Lock()
+        self._conn: Connection | None = None
+        # Writing and fsync'ing release the GIL: they run beside header parsing.
+        self._writers = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="spool-writer")
+
+    def close(self) -> None:
+        self._writers.shutdown(wait=True)
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def _connection(self) -> Connection:
+        """One connection for all index writes (callers hold the lock): no pool round trip."""
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            self._conn = self.engine.connect()
+        return self._conn
 
     def store(
         self,
@@ -78,18 +98,17 @@ class Intake:
         expected_sop_class_uid: str | None = None,
     ) -> StoreOutcome:
         """Store one Part 10 byte string. Raises an IntakeError subclass on failure."""
-        header = read_header(data)
-        if expected_sop_instance_uid and header.sop_instance_uid != expected_sop_instance_uid:
-            raise DatasetMismatchError(
-                f"SOP Instance UID in the data set ({header.sop_instance_uid}) differs from "
-                f"the request's Affected SOP Instance UID ({expected_sop_instance_uid})"
-            )
-        if expected_sop_class_uid and header.sop_class_uid != expected_sop_class_uid:
-            raise DatasetMismatchError(
-                f"SOP Class UID in the data set ({header.sop_class_uid}) differs from "
-                f"the request's Affected SOP Class UID ({expected_sop_class_uid})"
-            )
-        staged = self.spool.stage(data)
+        writing = self._writers.submit(self.spool.stage, data)
+        try:
+            header = read_header(data)
+            _check_request(header, expected_sop_instance_uid, expected_sop_class_uid)
+        except IntakeError:
+            try:
+                self.spool.discard(writing.result())
+            except IntakeError:
+                pass
+            raise
+        staged = writing.result()
         try:
             with self._lock:
                 return self._commit(header, staged, peer)
@@ -107,7 +126,8 @@ class Intake:
         renamed = False
         previous: Path | None = None
         try:
-            with self.engine.begin() as conn:
+            conn = self._connection()
+            with conn.begin():
                 existing = conn.scalar(_SELECT_SHA, {"uid": header.sop_instance_uid})
                 if existing == staged.sha256:
                     return StoreOutcome(StoreResultValues.DUPLICATE, header, rel, staged.size)
@@ -251,6 +271,20 @@ class Intake:
         if added:
             log.warning("indexed %d spool file(s) that had no index row", added)
         return added
+
+
+def _check_request(header: InstanceHeader, sop_instance_uid: str | None,
+                   sop_class_uid: str | None) -> None:
+    if sop_instance_uid and header.sop_instance_uid != sop_instance_uid:
+        raise DatasetMismatchError(
+            f"SOP Instance UID in the data set ({header.sop_instance_uid}) differs from "
+            f"the request's Affected SOP Instance UID ({sop_instance_uid})"
+        )
+    if sop_class_uid and header.sop_class_uid != sop_class_uid:
+        raise DatasetMismatchError(
+            f"SOP Class UID in the data set ({header.sop_class_uid}) differs from "
+            f"the request's Affected SOP Class UID ({sop_class_uid})"
+        )
 
 
 def _instance_values(

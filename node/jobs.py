@@ -262,7 +262,7 @@ class JobRunner:
         except PacsnodeError as exc:
             state = self.store.fail(job.id, str(exc), retryable=False)
             log.error("job %d (%s) failed: %s -> %s", job.id, job.kind, exc, state.value)
-        except Exception as exc:  # noqa: BLE001  a handler bug must fail the job, not the runner
+        except Exception as exc:
             log.exception("job %d (%s) crashed", job.id, job.kind)
             self.store.fail(job.id, f"internal error: {exc!r}", retryable=True)
         return True
@@ -271,7 +271,7 @@ class JobRunner:
         while not self._stop.is_set():
             try:
                 worked = self.run_once()
-            except Exception:  # noqa: BLE001  e.g. database briefly unavailable; keep going
+            except Exception:
                 log.exception("job runner error")
                 worked = False
             if not worked:

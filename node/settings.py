@@ -74,6 +74,7 @@ class NodeSettings(_Section):
     max_pdu_bytes: Annotated[int, Field(ge=0)] = 262144
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     dimse_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    acse_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
 
 
 class StorageSettings(_Section):
@@ -313,4 +314,5 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         return Settings.model_validate(raw)
     except ValidationError as exc:
         lines = tuple(_format_error(main, e) for e in exc.errors())
-        raise ConfigError(f"{main}: invalid configuration ({len(lines)} problem(s))", lines) from None
+        message = f"{main}: invalid configuration ({len(lines)} problem(s))"
+        raise ConfigError(message, lines) from None

@@ -3,6 +3,7 @@ transfer syntaxes stored exactly as received."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 import zlib
@@ -160,3 +161,23 @@ def test_compressed_transfer_syntaxes_are_stored_exactly_as_received(
                 zlib.decompress(_dataset_bytes(path), -15)
         else:
             assert _dataset_bytes(stored) == _dataset_bytes(path), uid
+
+
+def test_association_limit_rejects_with_a_reason(dcmtk: None, node_factory: Any) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    node = node_factory(node={"max_associations": 1, "acse_timeout_seconds": 60.0}).start()
+    for _ in range(3):      # port probes must not hold the only slot
+        socket.create_connection(("127.0.0.1", node.port)).close()
+    time.sleep(0.3)
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="PACSNODE")
+    assert assoc.is_established
+    try:
+        assert _echo(node.port, aet="SECOND") != 0
+    finally:
+        assoc.release()
+    assert wait_for(lambda: _echo(node.port, aet="THIRD") == 0, timeout=5)
+    assert "SECOND (127.0.0.1) rejected: 1 associations already active" in node.log()

@@ -70,7 +70,7 @@ def test_kill_9_during_transfer_loses_no_acknowledged_instance(
             env=TCP_ENV)
         # kill once a random number of new instances has been indexed
         target = min(index.counts()[2] + rng.randint(5, 40), len(ct_files) - 1)
-        wait_for(lambda: index.counts()[2] >= target, timeout=60, interval=0.01)
+        wait_for(lambda t=target: index.counts()[2] >= t, timeout=60, interval=0.01)
         node.kill9()
         output, _ = sender.communicate(timeout=60)
         assert sender.returncode != 0          # the sender saw the node go away

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from node.cli import main
 from node.errors import ConfigError
@@ -33,7 +34,7 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
 
 def test_settings_are_frozen(tmp_path: Path) -> None:
     settings = load_settings(_write(tmp_path, ""))
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         settings.node.port = 1  # type: ignore[misc]
 
 

@@ -166,7 +166,8 @@ def test_written_files_read_back(tmp_path: Path) -> None:
     for path, original in zip(paths, iter_datasets(study), strict=True):
         ds = pydicom.dcmread(path)  # no force: preamble and file meta present
         assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
-        assert ds.SOPInstanceUID == original.SOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID
+        assert ds.SOPInstanceUID == original.SOPInstanceUID
+        assert ds.SOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID
         assert ds.StudyInstanceUID == study.study_instance_uid
         assert ds.PatientID == study.patient.patient_id and ds.Manufacturer == "pacsnode-synth"
         assert np.array_equal(ds.pixel_array, original.pixel_array)

@@ -1,0 +1,356 @@
+"""Ingest benchmark: C-STORE throughput of pacsnode against dcmtk storescp and Orthanc.
+
+One synthetic CT series is generated once, then sent with dcmtk ``storescu`` (one
+association per storescu process; ``--parallel N`` splits the files across N processes)
+to each receiver in turn, every receiver on 127.0.0.1 with fresh, empty storage:
+
+- ``storescp``: dcmtk's storage SCP, ``+B`` (bit-preserving: the received bytes go
+  straight to the file, no parse and re-encode) into a temp folder; it never fsyncs;
+- ``orthanc``: the Debian Orthanc with its default settings (``SyncStorageArea`` true:
+  fsync per file) and fresh temp storage and index;
+- ``pacsnode``: ``pacsnode serve`` with a default config (fsync of file and directory).
+
+The clock runs from the start of storescu until the last storescu exits. Each receiver
+must then hold all N instances, or the run fails. The table goes to stdout and is
+appended to bench/RESULTS.md with the machine, the date (UTC) and the command.
+
+    .venv/bin/python bench/ingest.py [--slices 300] [--size 512] [--repeat 1] [--parallel 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from node.synth import SeriesSpec, make_study, write_study
+from tests.support import (
+    TCP_ENV,
+    NodeProcess,
+    Orthanc,
+    free_port,
+    wait_port,
+    write_config,
+)
+
+RECEIVERS = ("storescp", "orthanc", "pacsnode")
+RESULTS = ROOT / "bench" / "RESULTS.md"
+RESULTS_HEADER = """\
+# Benchmark results
+
+Figures below are appended by the scripts in this folder (see README.md), one section
+per run, with the machine, the date (UTC) and the exact command. Do not edit them by
+hand; compare only figures measured in the same run.
+"""
+
+
+@dataclass(frozen=True)
+class Run:
+    receiver: str
+    seconds: float
+    instances: int
+    nbytes: int
+
+
+class Receiver:
+    """A started receiver: where to send, and how many instances it holds."""
+
+    def __init__(self, name: str, aet: str, port: int, count: Callable[[], int],
+                 stop: Callable[[], None], pid: int) -> None:
+        self.name, self.aet, self.port = name, aet, port
+        self.count, self.stop, self.pid = count, stop, pid
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def start_storescp(work: Path, *, bit_preserving: bool) -> Receiver:
+    out = work / "out"
+    out.mkdir(parents=True)
+    port = free_port()
+    # --fork: one child per association, so parallel senders are served in parallel
+    # (without it storescp serves one association at a time).
+    cmd = ["storescp", "--fork", "-aet", "STORESCP", "-od", str(out)]
+    cmd += ["+B"] if bit_preserving else []
+    log = (work / "storescp.log").open("ab")
+    proc = subprocess.Popen([*cmd, str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            env=TCP_ENV, start_new_session=True)
+
+    def stop() -> None:
+        _terminate(proc)
+        log.close()
+
+    try:
+        wait_port(port, proc=proc)
+    except BaseException:
+        stop()
+        raise
+    return Receiver("storescp", "STORESCP", port,
+                    lambda: sum(1 for p in out.iterdir() if p.is_file()), stop, proc.pid)
+
+
+def start_orthanc(work: Path) -> Receiver:
+    orthanc = Orthanc(work)
+    try:
+        orthanc.start()
+    except BaseException:
+        orthanc.stop()
+        raise
+    assert orthanc.proc is not None
+
+    def count() -> int:
+        return int(orthanc.request("GET", "/statistics")["CountInstances"])
+
+    return Receiver("orthanc", orthanc.aet, orthanc.dicom_port, count, orthanc.stop,
+                    orthanc.proc.pid)
+
+
+def start_pacsnode(work: Path) -> Receiver:
+    config = write_config(work)
+    port = int(tomllib.loads(config.read_text())["node"]["port"])
+    node = NodeProcess(config, port)
+    try:
+        node.start()
+    except BaseException:
+        node.stop()
+        raise
+    assert node.proc is not None
+
+    def count() -> int:
+        out = subprocess.run(
+            [sys.executable, "-m", "node.cli", "studies", "list", "--json", "-c", str(config)],
+            capture_output=True, text=True, cwd=ROOT, check=True, timeout=120)
+        return sum(int(s["instances"]) for s in json.loads(out.stdout))
+
+    def stop() -> None:
+        node.stop()
+
+    return Receiver("pacsnode", "PACSNODE", port, count, stop, node.proc.pid)
+
+
+def send(receiver: Receiver, files: Sequence[Path], parallel: int, work: Path) -> float:
+    """Run storescu (``parallel`` processes, contiguous chunks); seconds until all exit."""
+    size = -(-len(files) // parallel)
+    chunks = [files[i:i + size] for i in range(0, len(files), size)]
+    logs = [(work / f"storescu{i}.log").open("w") for i in range(len(chunks))]
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        start = time.perf_counter()
+        for chunk, log in zip(chunks, logs):
+            procs.append(subprocess.Popen(
+                ["storescu", "-aet", "BENCH", "-aec", receiver.aet, "127.0.0.1",
+                 str(receiver.port), *map(str, chunk)],
+                stdout=log, stderr=subprocess.STDOUT, text=True, env=TCP_ENV))
+        codes = [p.wait(timeout=1800) for p in procs]
+        seconds = time.perf_counter() - start
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
+    output = "".join((work / f"storescu{i}.log").read_text() for i in range(len(chunks)))
+    if any(codes) or "Failed" in output or "Error" in output:
+        raise RuntimeError(f"storescu to {receiver.name} failed (exit {codes}):\n{output[-2000:]}")
+    return seconds
+
+
+def measure(name: str, files: Sequence[Path], nbytes: int, args: argparse.Namespace,
+            work: Path) -> Run:
+    work.mkdir(parents=True)
+    starters: dict[str, Callable[[Path], Receiver]] = {
+        "storescp": lambda w: start_storescp(w, bit_preserving=not args.storescp_normal),
+        "orthanc": start_orthanc,
+        "pacsnode": start_pacsnode,
+    }
+    receiver = starters[name](work)
+    try:
+        os.sync()  # start every receiver with no dirty pages left by the previous one
+        seconds = send(receiver, files, args.parallel, work)
+        held = receiver.count()
+        if held != len(files):
+            raise RuntimeError(f"{name} holds {held} instance(s) after the send, "
+                               f"expected {len(files)}; see {work}")
+    finally:
+        receiver.stop()
+    return Run(name, seconds, len(files), nbytes)
+
+
+def table(runs: Sequence[Run], receivers: Sequence[str]) -> str:
+    best: dict[str, Run] = {}
+    for name in receivers:
+        mine = sorted((r for r in runs if r.receiver == name), key=lambda r: r.seconds)
+        best[name] = mine[len(mine) // 2]  # the median run (upper median for even counts)
+    rate = {n: r.instances / r.seconds for n, r in best.items()}
+
+    def ratio(name: str, ref: str) -> str:
+        return f"{rate[name] / rate[ref]:.2f}" if ref in rate else "—"
+
+    lines = ["| receiver | seconds | instances/s | MB/s | × Orthanc | × storescp |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, r in best.items():
+        lines.append(f"| {name} | {r.seconds:.2f} | {rate[name]:.1f} | "
+                     f"{r.nbytes / r.seconds / 1e6:.1f} | {ratio(name, 'orthanc')} | "
+                     f"{ratio(name, 'storescp')} |")
+    return "\n".join(lines)
+
+
+def _first_line(cmd: Sequence[str]) -> str:
+    try:
+        out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    lines = (out.stdout or out.stderr).strip().splitlines()
+    return lines[0].strip() if lines else "?"
+
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines()
+                  if ln.startswith("model name")), platform.processor() or "?")
+    mem_kb = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
+                  if ln.startswith("MemTotal"))
+    return (f"nproc {os.cpu_count()}, CPU {model}, memory {mem_kb / 1024 ** 2:.1f} GiB, "
+            f"kernel {platform.release()}")
+
+
+def versions() -> str:
+    rev = _first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"],
+                           check=False, capture_output=True, text=True).stdout.strip()
+    import pynetdicom
+    return (f"{_first_line(['storescu', '--version']).strip('$ ')}; "
+            f"{_first_line(['Orthanc', '--version'])}; pacsnode {rev}"
+            f"{' (uncommitted changes)' if dirty else ''}, Python {platform.python_version()}, "
+            f"pynetdicom {pynetdicom.__version__}")
+
+
+def filesystem(path: Path) -> str:
+    out = subprocess.run(["df", "-T", str(path)], check=False, capture_output=True,
+                         text=True).stdout
+    fields = out.strip().splitlines()[-1].split() if out.strip() else []
+    return f"{fields[1]} on {fields[0]}" if len(fields) > 1 else "?"
+
+
+def command_line() -> str:
+    exe = os.path.relpath(sys.executable, Path.cwd())
+    script = os.path.relpath(Path(__file__).resolve(), Path.cwd())
+    return " ".join(shlex.quote(a) for a in [exe, script, *sys.argv[1:]])
+
+
+def report(args: argparse.Namespace, runs: Sequence[Run], nbytes: int, temp: Path) -> str:
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    senders = f"{args.parallel} storescu processes" if args.parallel > 1 else "1 storescu"
+    storescp_mode = "normal (parse + re-encode)" if args.storescp_normal else "+B bit-preserving"
+    detail = "; ".join(f"{r.receiver} {r.seconds:.2f} s" for r in runs)
+    return "\n".join([
+        (f"## {now}: {args.slices} × {args.size}×{args.size} CT, {senders}, "
+         f"median of {args.repeat}"),
+        "",
+        f"- command: `{command_line()}`",
+        f"- machine: {machine()}; temp storage {filesystem(temp)}",
+        f"- versions: {versions()}",
+        (f"- data: {args.slices} instances, {nbytes / 1e6:.1f} MB (MB = 10^6 bytes), "
+         "Explicit VR Little Endian, CT Image Storage"),
+        (f"- receivers: storescp {storescp_mode}, no fsync; Orthanc defaults "
+         "(SyncStorageArea: fsync per file); pacsnode default config (fsync of file and "
+         "directory, SQLite index)"),
+        f"- every run: {detail}",
+        "",
+        table(runs, [n for n in RECEIVERS if n in args.receivers]),
+        "",
+    ])
+
+
+def append_results(text: str, path: Path) -> None:
+    if not path.exists() or not path.read_text().strip():
+        path.write_text(RESULTS_HEADER)
+    with path.open("a") as f:
+        f.write("\n" + text)
+
+
+@contextlib.contextmanager
+def temp_dir(parent: str | None) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="pacsnode-bench-", dir=parent))
+    try:
+        yield path
+    except BaseException:
+        print(f"failed; logs kept in {path}", file=sys.stderr)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--slices", type=int, default=300, help="instances in the series")
+    p.add_argument("--size", type=int, default=512, help="rows = columns")
+    p.add_argument("--repeat", type=int, default=1, help="runs per receiver (median reported)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="storescu processes (associations), files split in contiguous chunks")
+    p.add_argument("--receivers", nargs="+", choices=RECEIVERS, default=list(RECEIVERS))
+    p.add_argument("--storescp-normal", action="store_true",
+                   help="run storescp without +B (parse and re-encode each data set)")
+    p.add_argument("--tmpdir", help="where the temp folders go (default: $TMPDIR or /tmp)")
+    p.add_argument("--results", type=Path, default=RESULTS, help="file the table is appended to")
+    p.add_argument("--no-append", action="store_true", help="print only")
+    args = p.parse_args(argv)
+    if min(args.slices, args.size, args.repeat, args.parallel) < 1:
+        p.error("--slices, --size, --repeat and --parallel must be >= 1")
+    missing = [t for t in ("storescu", "storescp", "Orthanc") if shutil.which(t) is None]
+    if missing:
+        p.error(f"not installed: {', '.join(missing)} (Debian packages dcmtk, orthanc)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    with temp_dir(args.tmpdir) as temp:
+        t0 = time.perf_counter()
+        study = make_study(SeriesSpec(modality="CT", slices=args.slices, rows=args.size,
+                                      columns=args.size), seed=1)
+        files = write_study(study, temp / "study")
+        nbytes = sum(f.stat().st_size for f in files)
+        print(f"generated {len(files)} instances, {nbytes / 1e6:.1f} MB in "
+              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        runs: list[Run] = []
+        for i in range(args.repeat):
+            for name in (n for n in RECEIVERS if n in args.receivers):
+                run = measure(name, files, nbytes, args, temp / f"{name}-{i}")
+                print(f"  {name:9} run {i + 1}: {run.seconds:.2f} s", file=sys.stderr)
+                runs.append(run)
+                shutil.rmtree(temp / f"{name}-{i}", ignore_errors=True)
+        text = report(args, runs, nbytes, temp)
+    print(text)
+    if not args.no_append:
+        append_results(text, args.results)
+        print(f"appended to {args.results}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
