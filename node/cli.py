@@ -53,6 +53,51 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_config_reload(args: argparse.Namespace) -> int:
+    """Validate the file, then ask the running node to load it (SIGHUP)."""
+    import os
+    import signal
+
+    from node.app import pid_file
+
+    settings = _settings(args)
+    path = pid_file(settings)
+    try:
+        pid = int(path.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        print(f"config reload: no running node found through {path} ({exc})", file=sys.stderr)
+        return EXIT_FAILED
+    _emit(args, {"reloaded": True, "pid": pid, "routes": [r.name for r in settings.routes]},
+          lambda: print(f"{settings.source_file}: valid; node (pid {pid}) asked to reload "
+                        f"{len(settings.routes)} route(s)"))
+    return EXIT_OK
+
+
+def cmd_route_explain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from node.explain import explain, format_explain, studies_from_folder, study_from_index
+
+    settings = _settings(args)
+    target = Path(args.target)
+    skipped: list[str] = []
+    if target.is_dir():
+        studies, skipped = studies_from_folder(target)
+    else:
+        view = study_from_index(settings, args.target)
+        studies = [view] if view is not None else []
+    if not studies:
+        print(f"route explain: no DICOM study found for {args.target!r} (neither a folder of "
+              f"DICOM files nor a study UID in the index)", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    reports = [explain(settings, study) for study in studies]
+    _emit(args, {"studies": reports, "skipped_files": skipped}, lambda: print(
+        "\n\n".join(format_explain(r) for r in reports)
+        + (f"\n({len(skipped)} file(s) skipped: not readable as DICOM)" if skipped else "")))
+    return EXIT_OK
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from node.app import Node
     from node.log import setup_logging
@@ -167,6 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     csub = p.add_subparsers(dest="action", required=True)
     c = csub.add_parser("check", parents=[common], help="validate the configuration")
     c.set_defaults(func=cmd_config_check)
+    c = csub.add_parser("reload", parents=[common],
+                        help="validate, then make the running node load routes (SIGHUP)")
+    c.set_defaults(func=cmd_config_reload)
+
+    p = sub.add_parser("route", help="routing tools")
+    rsub = p.add_subparsers(dest="action", required=True)
+    r = rsub.add_parser("explain", parents=[common],
+                        help="show what every route decides for a study, and why")
+    r.add_argument("target", help="a study instance UID in the index, or a folder of DICOM files")
+    r.set_defaults(func=cmd_route_explain)
 
     p = sub.add_parser("echo", parents=[common], help="C-ECHO a configured destination")
     p.add_argument("destination")

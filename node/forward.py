@@ -7,6 +7,7 @@ retry after a failure or a crash sends only to the ones still owed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import Engine, select
@@ -33,10 +34,13 @@ def job_files(engine: Engine, spool_root: Path, job: Job) -> list[Path]:
         return [spool_root / rel for rel in session.scalars(query)]
 
 
-def make_forward_handler(engine: Engine, settings: Settings, sender: Sender) -> JobHandler:
-    spool_root = settings.storage.spool
+def make_forward_handler(engine: Engine, current: Callable[[], Settings],
+                         sender: Sender) -> JobHandler:
+    """``current`` returns the settings in force (destinations may change on reload)."""
 
     def handle(job: Job, store: JobStore) -> None:
+        settings = current()
+        spool_root = settings.storage.spool
         sent = set((job.step or "").removeprefix("sent:").split(",")) - {""}
         files = job_files(engine, spool_root, job)
         if not files:

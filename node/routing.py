@@ -1,106 +1,240 @@
-"""Routing: turn a completed series or study into jobs.
+"""Routing: decide, from a completed series' or study's own attributes, what runs.
 
-This is the foundation's matcher: each key of a route's ``match`` table is a DICOM
-keyword, compared for equality with the series' value (a list means one-of). The full
-condition language (regex, ranges, all/any/not, study-level conditions) comes with the
-routing engine issue; it replaces :func:`matches` and keeps :class:`RoutePlanner`.
+Routes are evaluated in their configured order (see node/rules.py for the condition
+language). Every matching route fires unless one says ``stop = true``; ``fallback``
+routes fire only when no other route of the same level matched. A series-level route
+looks at the completed series; a study-level route matches when some series of the
+study satisfies ``match`` (``has_series``/``no_series`` say more), and may ``select``
+the one series its model gets.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from node.db import InstanceRow, SeriesRow
 from node.domain import CompletedUnit
 from node.jobs import JobSpec, JobStore
+from node.rules import (
+    Attributes,
+    Condition,
+    Selector,
+    Subject,
+    compile_condition,
+    compile_selector,
+)
 from node.settings import RouteSettings
 
 log = logging.getLogger(__name__)
 
 
-def matches(match: dict[str, Any], attributes: dict[str, Any]) -> bool:
-    for keyword, wanted in match.items():
-        seen = attributes.get(keyword)
-        if seen is None:
-            return False
-        options = wanted if isinstance(wanted, list) else [wanted]
-        seen_values = [str(v) for v in seen] if isinstance(seen, list) else [str(seen)]
-        if not any(str(o) in seen_values for o in options):
-            return False
-    return True
+@dataclass(frozen=True)
+class CompiledRoute:
+    settings: RouteSettings
+    match: Condition
+    select: Selector | None
+
+    @classmethod
+    def of(cls, route: RouteSettings) -> CompiledRoute:
+        selector = compile_selector(route.select) if route.select is not None else None
+        return cls(route, compile_condition(route.match), selector)
 
 
-def series_attributes(spool_root: Path, session: Session, series_uid: str) -> dict[str, Any]:
-    """Attributes of a series, taken from one of its instances (no pixel data read)."""
-    rel = session.scalar(
-        select(InstanceRow.path).where(InstanceRow.series_instance_uid == series_uid)
-        .order_by(InstanceRow.instance_number).limit(1)
-    )
-    if rel is None:
-        return {}
-    try:
-        ds = pydicom.dcmread(spool_root / rel, stop_before_pixels=True, force=True)
-    except (OSError, InvalidDicomError, ValueError) as exc:
-        log.warning("series %s: cannot read attributes for routing: %s", series_uid, exc)
-        return {}
+@dataclass(frozen=True)
+class Decision:
+    """One route's verdict for one unit, with the reason an admin can read."""
+
+    route: str
+    level: str
+    matched: bool
+    reason: str
+    action: str
+    models: tuple[str, ...] = ()
+    destinations: tuple[str, ...] = ()
+    priority: int = 50
+    series_instance_uid: str | None = None       # the series the job works on, if one
+    skipped: str | None = None                   # why a matching route did not fire
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def fires(self) -> bool:
+        return self.matched and self.skipped is None
+
+
+def plain(value: Any) -> Any:
+    """A pydicom value as str/int/float or a list of them (None for binary values)."""
+    if isinstance(value, (bytes, bytearray, Dataset)):
+        return None
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return [plain(v) for v in value]
+    if isinstance(value, int):          # IS values too
+        return int(value)
+    if isinstance(value, float):        # DS values too
+        return float(value)
+    return str(value)
+
+
+def attributes_of(ds: Dataset, **extra: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for elem in ds:
-        if elem.keyword and elem.VR != "SQ":
-            value = elem.value
-            out[elem.keyword] = list(value) if isinstance(value, pydicom.multival.MultiValue) \
-                else value
+        if elem.keyword and elem.VR not in ("SQ", "OB", "OW", "OF", "OD", "OL", "UN"):
+            value = plain(elem.value)
+            if value is not None:
+                out[elem.keyword] = value
+    out.update({k: v for k, v in extra.items() if v is not None})
+    return out
+
+
+def decide(routes: Sequence[CompiledRoute], level: str, series: Sequence[Attributes], *,
+           focus: Attributes | None = None) -> list[Decision]:
+    """Evaluate every route of ``level``; ``focus`` is the completed series (series level)."""
+    study = tuple(series)
+    decisions: list[Decision] = []
+    stopped_by: str | None = None
+    for compiled in routes:
+        route = compiled.settings
+        if route.level != level or route.fallback:
+            continue
+        decision = _evaluate(compiled, study, focus)
+        if decision.matched and stopped_by is not None:
+            decision = _with(decision, skipped=f"an earlier route ({stopped_by}) has stop = true")
+        decisions.append(decision)
+        if decision.fires and route.stop:
+            stopped_by = route.name
+    matched_any = any(d.matched for d in decisions)
+    for compiled in routes:
+        route = compiled.settings
+        if route.level != level or not route.fallback:
+            continue
+        decision = _evaluate(compiled, study, focus)
+        if decision.matched and matched_any:
+            decision = _with(decision, skipped="fallback: another route matched")
+        decisions.append(decision)
+    return decisions
+
+
+def _with(decision: Decision, *, skipped: str) -> Decision:
+    return dataclasses.replace(decision, skipped=skipped)
+
+
+def _decision(route: RouteSettings, matched: bool, reason: str,
+              series_instance_uid: str | None = None) -> Decision:
+    return Decision(route=route.name, level=route.level, matched=matched, reason=reason,
+                    action=route.effective_action, models=route.models,
+                    destinations=route.destinations, priority=route.priority,
+                    series_instance_uid=series_instance_uid)
+
+
+def _evaluate(compiled: CompiledRoute, study: tuple[Attributes, ...],
+              focus: Attributes | None) -> Decision:
+    route = compiled.settings
+    if route.level == "series":
+        if focus is None:
+            raise ValueError("a series-level decision needs the completed series")
+        out = compiled.match.evaluate(Subject(focus, study))
+        return _decision(route, out.ok, out.reason,
+                         str(focus.get("SeriesInstanceUID", "")) or None)
+    failures = []
+    for attrs in study:
+        out = compiled.match.evaluate(Subject(attrs, study))
+        if out.ok:
+            break
+        failures.append(f"series {attrs.get('SeriesNumber', '?')} "
+                        f"({attrs.get('Modality', '?')}): {out.reason}")
+    else:
+        return _decision(route, False, "; ".join(failures) or "the study has no series")
+    if compiled.select is None:
+        return _decision(route, True, out.reason)
+    chosen, why = compiled.select.choose(study)
+    if chosen is None:
+        return _decision(route, False, f"{out.reason}; but {why}")
+    return _decision(route, True, f"{out.reason}; {why}", str(chosen.get("SeriesInstanceUID")))
+
+
+def job_specs(decisions: Iterable[Decision], unit: CompletedUnit) -> list[JobSpec]:
+    specs: list[JobSpec] = []
+    for d in decisions:
+        if not d.fires or d.action == "ignore":
+            continue
+        target = d.series_instance_uid      # None: the whole study
+        base = f"{d.route}:{unit.level}:{target or unit.study_instance_uid}:g{unit.generation}"
+        payload = {"destinations": list(d.destinations), "level": unit.level}
+        if d.action == "run":
+            for model in d.models:
+                specs.append(JobSpec(f"{base}:infer:{model}", "infer", d.route,
+                                     unit.study_instance_uid, target, unit.generation,
+                                     {**payload, "model": model}, d.priority))
+        else:
+            specs.append(JobSpec(f"{base}:forward", "forward", d.route,
+                                 unit.study_instance_uid, target, unit.generation,
+                                 payload, d.priority))
+    return specs
+
+
+def read_series_attributes(spool_root: Path, session: Session,
+                           study_uid: str) -> list[dict[str, Any]]:
+    """One attribute set per series of a study: the header of its first instance (by
+    InstanceNumber), plus how it arrived and how many instances it has."""
+    out = []
+    for row in session.scalars(select(SeriesRow).where(SeriesRow.study_instance_uid == study_uid)
+                               .order_by(SeriesRow.series_number, SeriesRow.series_instance_uid)):
+        uid = row.series_instance_uid
+        count = session.scalar(select(func.count()).select_from(InstanceRow)
+                               .where(InstanceRow.series_instance_uid == uid))
+        rel = session.scalar(select(InstanceRow.path).where(InstanceRow.series_instance_uid == uid)
+                             .order_by(InstanceRow.instance_number).limit(1))
+        extra = {"CallingAETitle": row.calling_ae_title, "CalledAETitle": row.called_ae_title,
+                 "SourceAddress": row.source_address, "NumberOfInstances": int(count or 0)}
+        attrs: dict[str, Any] = {"SeriesInstanceUID": uid, "Modality": row.modality}
+        if rel is not None:
+            try:
+                ds = pydicom.dcmread(spool_root / rel, stop_before_pixels=True, force=True)
+                attrs = attributes_of(ds)
+            except (OSError, InvalidDicomError, ValueError) as exc:
+                log.warning("series %s: cannot read attributes for routing: %s", uid, exc)
+        attrs.update({k: v for k, v in extra.items() if v is not None})
+        out.append(attrs)
     return out
 
 
 class RoutePlanner:
+    """Called by assembly inside the completing transaction; turns decisions into jobs."""
+
     def __init__(self, routes: Sequence[RouteSettings], jobs: JobStore, spool_root: Path) -> None:
-        self.routes = tuple(routes)
+        self.routes = tuple(CompiledRoute.of(r) for r in routes)
         self.jobs = jobs
         self.spool_root = spool_root
 
-    def plan(self, session: Session, unit: CompletedUnit) -> None:
-        if unit.level == "series" and unit.series_instance_uid:
-            candidates = [unit.series_instance_uid]
-        else:
-            candidates = list(session.scalars(
-                select(SeriesRow.series_instance_uid)
-                .where(SeriesRow.study_instance_uid == unit.study_instance_uid)
-            ))
-        attrs = {uid: series_attributes(self.spool_root, session, uid) for uid in candidates}
-        for route in self.routes:
-            if route.level != unit.level:
-                continue
-            hits = [uid for uid in candidates if matches(route.match, attrs[uid])]
-            if not hits:
-                continue
-            self._add_jobs(session, route, unit)
-            if route.stop:
-                break
+    def replace_routes(self, routes: Sequence[RouteSettings]) -> None:
+        """Swap the rule set at once (reload); a plan in progress keeps the old one."""
+        self.routes = tuple(CompiledRoute.of(r) for r in routes)
 
-    def _add_jobs(self, session: Session, route: RouteSettings, unit: CompletedUnit) -> None:
-        uid = unit.series_instance_uid or unit.study_instance_uid
-        base = f"{route.name}:{unit.level}:{uid}:g{unit.generation}"
-        specs: list[JobSpec] = []
-        for model in route.models:
-            specs.append(JobSpec(f"{base}:infer:{model}", "infer", route.name,
-                                 unit.study_instance_uid, unit.series_instance_uid,
-                                 unit.generation,
-                                 {"model": model, "destinations": list(route.destinations),
-                                  "level": unit.level}, route.priority))
-        if not route.models and route.destinations:
-            specs.append(JobSpec(f"{base}:forward", "forward", route.name,
-                                 unit.study_instance_uid, unit.series_instance_uid,
-                                 unit.generation,
-                                 {"destinations": list(route.destinations), "level": unit.level},
-                                 route.priority))
-        for spec in specs:
+    def plan(self, session: Session, unit: CompletedUnit) -> None:
+        routes = self.routes
+        if not any(r.settings.level == unit.level for r in routes):
+            return
+        series = read_series_attributes(self.spool_root, session, unit.study_instance_uid)
+        focus = None
+        if unit.level == "series":
+            focus = next((s for s in series
+                          if s.get("SeriesInstanceUID") == unit.series_instance_uid), None)
+            if focus is None:
+                return
+        decisions = decide(routes, unit.level, series, focus=focus)
+        for spec in job_specs(decisions, unit):
             if self.jobs.add(session, spec):
-                log.info("route %s: job %s queued", route.name, spec.key)
+                log.info("route %s: job %s queued", spec.route, spec.key)
+        if not any(d.fires for d in decisions):
+            log.info("%s %s: no route fired", unit.level,
+                     unit.series_instance_uid or unit.study_instance_uid)

@@ -146,13 +146,43 @@ class ModelSettings(_Section):
 
 
 class RouteSettings(_Section):
+    """One routing rule; ``match`` and ``select`` use the language in node/rules.py."""
+
     name: Name
     match: dict[str, Any] = Field(default_factory=dict)
+    select: dict[str, Any] | None = None
+    action: Literal["run", "forward", "ignore"] | None = None
     models: tuple[str, ...] = ()
     destinations: tuple[str, ...] = ()
     priority: Annotated[int, Field(ge=0, le=100)] = 50
     level: Literal["series", "study"] = "series"
     stop: bool = False
+    fallback: bool = False
+
+    @model_validator(mode="after")
+    def _rules_compile(self) -> RouteSettings:
+        from node.rules import RuleError, compile_condition, compile_selector
+
+        try:
+            compile_condition(self.match, "match")
+            if self.select is not None:
+                if self.level != "study":
+                    raise RuleError('select: only a level = "study" route selects a series')
+                compile_selector(self.select, "select")
+        except RuleError as exc:
+            raise ValueError(str(exc)) from None
+        action = self.effective_action
+        if action == "run" and not self.models:
+            raise ValueError('action = "run" needs at least one model in models')
+        if action == "forward" and not self.destinations:
+            raise ValueError('action = "forward" needs at least one destination')
+        return self
+
+    @property
+    def effective_action(self) -> str:
+        if self.action is not None:
+            return self.action
+        return "run" if self.models else "forward" if self.destinations else "ignore"
 
 
 class Settings(_Section):
@@ -244,7 +274,9 @@ def _format_error(path: Path, err: Any) -> str:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return f"{path}: {where}: unknown key{hint}"
     msg = str(err["msg"]).removeprefix("Value error, ")
-    if err["type"] == "value_error":
+    if err["type"] == "value_error" and msg.startswith(("match", "select")):
+        return f"{path}: {where}.{msg}"       # a routing rule error carries its own path
+    if err["type"] == "value_error" and not msg.startswith("action"):
         msg = "expected " + msg
     found = err.get("input")
     shown = repr(found) if not isinstance(found, dict) else "a table"

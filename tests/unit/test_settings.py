@@ -116,3 +116,16 @@ def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
     cfg = _write(tmp_path, '[node]\nae_title = "FROMENV"\n')
     monkeypatch.setenv("PACSNODE_CONFIG", str(cfg))
     assert load_settings().node.ae_title == "FROMENV"
+
+
+def test_routing_rule_errors_name_the_path_inside_the_rule(tmp_path: Path) -> None:
+    cfg = _write(tmp_path, '[[routes]]\nname = "r"\nmatch = { any = [{ Modality = "CT" }, '
+                 '{ Modalty = "MR" }] }\n[[routes]]\nname = "q"\n'
+                 'match = { SeriesDescription = { regex = "(" } }\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    first, second = err.value.problems
+    assert first == (f"{cfg}: routes[0].match.any[1].Modalty: unknown DICOM keyword 'Modalty'; "
+                     "did you mean 'Modality'?")
+    assert second.startswith(f"{cfg}: routes[1].match.SeriesDescription.regex: "
+                             "invalid regular expression '('")
