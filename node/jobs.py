@@ -84,6 +84,7 @@ class JobSpec:
     generation: int
     payload: Mapping[str, Any]
     priority: int = 50
+    delay_seconds: float = 0.0
 
 
 class JobStore:
@@ -102,9 +103,30 @@ class JobStore:
             series_instance_uid=spec.series_instance_uid, generation=spec.generation,
             payload=json.dumps(dict(spec.payload), sort_keys=True),
             state=JobStateValues.PENDING.value, priority=spec.priority, attempts=0,
+            not_before=now + timedelta(seconds=spec.delay_seconds) if spec.delay_seconds
+            else None,
             created_at=now, updated_at=now,
         ))
+        self._supersede(session, spec)
         return True
+
+    @staticmethod
+    def _supersede(session: Session, spec: JobSpec) -> None:
+        """A follow-up replaces the same route's job for an earlier generation that has
+        not started yet (it would run on an incomplete series)."""
+        session.flush()
+        session.execute(
+            update(JobRow)
+            .where(JobRow.route == spec.route, JobRow.kind == spec.kind,
+                   JobRow.study_instance_uid == spec.study_instance_uid,
+                   JobRow.series_instance_uid.is_(None) if spec.series_instance_uid is None
+                   else JobRow.series_instance_uid == spec.series_instance_uid,
+                   JobRow.generation < spec.generation, JobRow.attempts == 0,
+                   JobRow.state == JobStateValues.PENDING.value)
+            .values(state=JobStateValues.CANCELLED.value,
+                    last_error=f"superseded by generation {spec.generation}",
+                    updated_at=utcnow())
+        )
 
     def recover(self) -> int:
         """At start: jobs a crash caught mid-flight become claimable again (step kept)."""

@@ -63,6 +63,7 @@ class Decision:
     models: tuple[str, ...] = ()
     destinations: tuple[str, ...] = ()
     priority: int = 50
+    wait_seconds: float = 0.0
     series_instance_uid: str | None = None       # the series the job works on, if one
     skipped: str | None = None                   # why a matching route did not fire
     notes: tuple[str, ...] = field(default=())
@@ -133,7 +134,7 @@ def _decision(route: RouteSettings, matched: bool, reason: str,
     return Decision(route=route.name, level=route.level, matched=matched, reason=reason,
                     action=route.effective_action, models=route.models,
                     destinations=route.destinations, priority=route.priority,
-                    series_instance_uid=series_instance_uid)
+                    wait_seconds=route.wait_seconds, series_instance_uid=series_instance_uid)
 
 
 def _evaluate(compiled: CompiledRoute, study: tuple[Attributes, ...],
@@ -174,11 +175,11 @@ def job_specs(decisions: Iterable[Decision], unit: CompletedUnit) -> list[JobSpe
             for model in d.models:
                 specs.append(JobSpec(f"{base}:infer:{model}", "infer", d.route,
                                      unit.study_instance_uid, target, unit.generation,
-                                     {**payload, "model": model}, d.priority))
+                                     {**payload, "model": model}, d.priority, d.wait_seconds))
         else:
             specs.append(JobSpec(f"{base}:forward", "forward", d.route,
                                  unit.study_instance_uid, target, unit.generation,
-                                 payload, d.priority))
+                                 payload, d.priority, d.wait_seconds))
     return specs
 
 
@@ -232,9 +233,12 @@ class RoutePlanner:
             if focus is None:
                 return
         decisions = decide(routes, unit.level, series, focus=focus)
-        for spec in job_specs(decisions, unit):
+        specs = job_specs(decisions, unit)
+        for spec in specs:
             if self.jobs.add(session, spec):
                 log.info("route %s: job %s queued", spec.route, spec.key)
-        if not any(d.fires for d in decisions):
-            log.info("%s %s: no route fired", unit.level,
-                     unit.series_instance_uid or unit.study_instance_uid)
+        if not specs:
+            ignored = [d.route for d in decisions if d.fires]
+            log.info("%s %s: no job (%s)", unit.level,
+                     unit.series_instance_uid or unit.study_instance_uid,
+                     f"ignored by {', '.join(ignored)}" if ignored else "no route fired")

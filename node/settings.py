@@ -156,6 +156,7 @@ class RouteSettings(_Section):
     destinations: tuple[str, ...] = ()
     priority: Annotated[int, Field(ge=0, le=100)] = 50
     level: Literal["series", "study"] = "series"
+    wait_seconds: Annotated[float, Field(ge=0)] = 0.0
     stop: bool = False
     fallback: bool = False
 
@@ -324,6 +325,10 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     """Read, merge includes, resolve relative paths and validate. Raises ConfigError."""
     main = default_config_path(path).resolve() if path is None else Path(path).resolve()
     raw = _read_toml(main)
+    storage = raw.setdefault("storage", {})
+    if isinstance(storage, dict):       # defaults, too, are relative to the file
+        storage.setdefault("spool", str(StorageSettings().spool))
+        storage.setdefault("database", StorageSettings().database)
     _resolve_paths(raw, main.parent)
     includes = raw.get("include", [])
     if not isinstance(includes, list):

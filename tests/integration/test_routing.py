@@ -45,7 +45,10 @@ def _study(tmp_path: Path, name: str, spec: synth.SeriesSpec, seed: int) -> tupl
 
 def test_ct_and_mr_get_one_job_each_and_an_unwanted_study_none(
         dcmtk: None, node_factory: Any, tmp_path: Path) -> None:
-    node = node_factory(models=MODELS, routes=ROUTES).start()
+    from_modality = {"name": "from-storescu", "action": "ignore",
+                     "match": {"CallingAETitle": "STORESCU", "CalledAETitle": "PACSNODE",
+                               "SourceAddress": {"network": "127.0.0.0/8"}}}
+    node = node_factory(models=MODELS, routes=[*ROUTES, from_modality]).start()
     index = IndexView(node.config.parent / "index.db")
     ct_uid, ct = _study(tmp_path, "ct", synth.SeriesSpec(slices=20, rows=64, columns=64,
                                                          slice_thickness_mm=1.0), 41)
@@ -67,7 +70,14 @@ def test_ct_and_mr_get_one_job_each_and_an_unwanted_study_none(
                   j["priority"]) for j in listed)
     assert got == sorted([("ct-lesions", "infer", "lesion-ct", ct_uid, 50),
                           ("mr-any", "infer", "brain-mr", mr_uid, 90)])
-    assert "no route fired" in node.log()
+    rt_series = str(pydicom.dcmread(other).SeriesInstanceUID)
+    assert f"series {rt_series}: no job (ignored by from-storescu)" in node.log()
+    # how the study arrived is routable too (and shown by explain for a stored study)
+    explained = json.loads(cli(node.config, "route", "explain", ct_uid, "--json").stdout)
+    (ae_rule,) = [d for d in explained["studies"][0]["decisions"]
+                  if d["route"] == "from-storescu"]
+    assert ae_rule["fires"] and "CallingAETitle = 'STORESCU'" in ae_rule["reason"]
+    assert "SourceAddress = '127.0.0.1'" in ae_rule["reason"]
 
 
 def test_route_explain_on_synthetic_and_real_files(tmp_path: Path) -> None:

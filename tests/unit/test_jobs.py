@@ -135,3 +135,28 @@ def test_runner_maps_errors_to_states(tmp_path: Path) -> None:
     assert states["retry"] == (JobStateValues.PENDING, "down")
     assert states["bug"][0] is JobStateValues.PENDING and "oops" in (states["bug"][1] or "")
     assert sorted(seen) == ["bug", "ok", "retry"]
+
+
+def test_follow_up_supersedes_an_unstarted_job_of_the_same_route(tmp_path: Path) -> None:
+    store = Rig(tmp_path).jobs
+    g1 = JobSpec("r:g1", "infer", "r", "1.2.3", "1.2.3.4", 1, {"model": "m"})
+    started = JobSpec("s:g1", "infer", "s", "1.2.3", "1.2.3.4", 1, {"model": "m"})
+    _add(store, g1, started)
+    running = store.claim({"infer"})             # takes one of them
+    assert running is not None
+    _add(store, JobSpec("r:g2", "infer", "r", "1.2.3", "1.2.3.4", 2, {"model": "m"}),
+         JobSpec("s:g2", "infer", "s", "1.2.3", "1.2.3.4", 2, {"model": "m"}))
+    states = {j.key: (j.state, j.last_error) for j in store.list()}
+    unstarted = "s:g1" if running.key == "r:g1" else "r:g1"
+    assert states[unstarted] == (JobStateValues.CANCELLED, "superseded by generation 2")
+    assert states[running.key][0] is JobStateValues.RUNNING      # already started: left alone
+    assert states["r:g2"][0] is states["s:g2"][0] is JobStateValues.PENDING
+
+
+def test_wait_seconds_delays_the_job(tmp_path: Path) -> None:
+    store = Rig(tmp_path).jobs
+    _add(store, JobSpec("w", "forward", "r", "1.2.3", None, 1, {}, 50, delay_seconds=120))
+    assert store.claim({"forward"}) is None
+    job = store.list()[0]
+    assert job.not_before is not None
+    assert timedelta(seconds=119) < job.not_before - job.created_at <= timedelta(seconds=121)

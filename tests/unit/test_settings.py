@@ -129,3 +129,23 @@ def test_routing_rule_errors_name_the_path_inside_the_rule(tmp_path: Path) -> No
                      "did you mean 'Modality'?")
     assert second.startswith(f"{cfg}: routes[1].match.SeriesDescription.regex: "
                              "invalid regular expression '('")
+
+
+def test_default_paths_are_relative_to_the_file(tmp_path: Path) -> None:
+    settings = load_settings(_write(tmp_path, ""))
+    assert settings.storage.spool == (tmp_path / "var" / "spool").resolve()
+    assert settings.storage.database == f"sqlite:///{(tmp_path / 'var/pacsnode.db').resolve()}"
+
+
+def test_the_example_routes_file_is_valid(tmp_path: Path) -> None:
+    example = ROOT / "config" / "routes.example.toml"
+    cfg = _write(tmp_path, f'include = ["{example}"]\n'
+                 '[[models]]\nname = "lesion-ct"\npath = "m"\n'
+                 '[[models]]\nname = "brain-mr"\npath = "m"\n'
+                 '[[destinations]]\nname = "pacs"\nkind = "dimse"\nae_title = "P"\n'
+                 'host = "127.0.0.1"\nport = 104\n'
+                 '[[destinations]]\nname = "research"\nkind = "dimse"\nae_title = "R"\n'
+                 'host = "127.0.0.1"\nport = 105\n')
+    settings = load_settings(cfg)
+    assert [r.name for r in settings.routes][:2] == ["skip-localizers", "ct-lesions-stat"]
+    assert settings.routes[-1].fallback
