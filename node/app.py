@@ -6,7 +6,10 @@ import logging
 import os
 import queue
 import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 
@@ -34,8 +37,10 @@ def pid_file(settings: Settings) -> Path:
 class Node:
     """Every stage of the receiver role, wired together; :meth:`start` / :meth:`stop`."""
 
-    def __init__(self, settings: Settings, *, engine: Engine | None = None) -> None:
+    def __init__(self, settings: Settings, *, engine: Engine | None = None,
+                 spawn_worker: bool = True) -> None:
         self.settings = settings
+        self.spawn_worker = spawn_worker
         storage = settings.storage
         self.engine = engine or make_engine(storage.database)
         self.spool = Spool(storage.spool, fsync=storage.fsync,
@@ -55,19 +60,23 @@ class Node:
         self.receiver = DimseReceiver(settings.node, self.intake, on_released=self._released.put)
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self.worker: WorkerSupervisor | None = None
         self._assembly_thread: threading.Thread | None = None
 
     def start(self) -> None:
         self.spool.root.mkdir(parents=True, exist_ok=True)
         self.spool.prepare()
         self.intake.reconcile()
-        self.jobs.recover()
+        self.jobs.recover(kinds=set(self.runner.handlers))
         self._assembly_thread = threading.Thread(target=self._assembly_loop, name="assembly",
                                                  daemon=True)
         self._assembly_thread.start()
         self.runner.start()
         self.receiver.start()
         pid_file(self.settings).write_text(f"{os.getpid()}\n")
+        if self.spawn_worker and self.settings.models:
+            self.worker = WorkerSupervisor(self.settings)
+            self.worker.start()
 
     def reload(self) -> bool:
         """Load the configuration file again and swap routes and destinations.
@@ -95,6 +104,8 @@ class Node:
     def stop(self) -> None:
         log.info("stopping: no new associations")
         self.receiver.stop()
+        if self.worker is not None:
+            self.worker.stop()
         self._stop.set()
         if self._assembly_thread is not None:
             self._assembly_thread.join(10)
@@ -138,5 +149,51 @@ class Node:
                 if self._reload.is_set():
                     self._reload.clear()
                     self.reload()
+                if self.worker is not None:
+                    self.worker.check()
         finally:
             self.stop()
+
+
+class WorkerSupervisor:
+    """Runs the worker role as a child process and restarts it if it dies (a CUDA crash
+    or an OOM kill there must not stop intake). Backoff doubles up to a minute."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._backoff = 1.0
+        self._next_start = 0.0
+
+    def start(self) -> None:
+        assert self.settings.source_file is not None
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "serve", "--role", "worker", "-c",
+             str(self.settings.source_file)],
+            env={**os.environ, "PACSNODE_PARENT_PID": str(os.getpid())})
+        self._started = time.monotonic()
+        log.info("worker process %d started", self.proc.pid)
+
+    def check(self) -> None:
+        if self.proc is None or self.proc.poll() is None:
+            return
+        now = time.monotonic()
+        if self._next_start == 0.0:
+            if now - self._started > 60:
+                self._backoff = 1.0
+            log.error("worker process %d exited with %s; restarting in %.0f s", self.proc.pid,
+                      self.proc.returncode, self._backoff)
+            self._next_start = now + self._backoff
+            self._backoff = min(60.0, self._backoff * 2)
+        elif now >= self._next_start:
+            self._next_start = 0.0
+            self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)

@@ -104,8 +104,116 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     setup_logging(args.log_level)
-    Node(settings).serve_forever()
+    if args.role == "worker":
+        from node.inference.service import WorkerNode
+
+        WorkerNode(settings).serve_forever()
+    else:
+        Node(settings, spawn_worker=args.role == "all").serve_forever()
     return EXIT_OK
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    """One-off inference on a folder of one series, or a series of a study in the index."""
+    from pathlib import Path
+
+    from node.inference.runner import ModelPool
+    from node.inference.service import save_prediction
+    from node.inference.volume import load_volume
+
+    settings = _settings(args)
+    models = {m.name: m for m in settings.models}
+    if args.model not in models:
+        print(f"infer: no model named {args.model!r}; configured: {sorted(models)}",
+              file=sys.stderr)
+        return EXIT_NOT_FOUND
+    files = _series_files(settings, args.target, args.series)
+    if not files:
+        print(f"infer: no series found for {args.target!r}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    volume = load_volume(files)
+    prediction = ModelPool(models).predict(args.model, volume)
+    saved = save_prediction(Path(args.out), prediction, volume)
+    info = {"series_instance_uid": volume.series_instance_uid, "output": str(saved.path),
+            "model": prediction.model, "version": prediction.version,
+            "device": prediction.device, "seconds": round(prediction.seconds, 3),
+            "voxels": saved.voxels,
+            "volume_mm3": {k: round(v, 1) for k, v in saved.volume_mm3.items()}}
+    _emit(args, info, lambda: print(
+        f"{prediction.model} {prediction.version} on {prediction.device}: "
+        f"{prediction.seconds:.2f} s; " + (", ".join(
+            f"label {k}: {v:.0f} mm3" for k, v in saved.volume_mm3.items()) or "nothing found")
+        + f"\nwrote {saved.path}"))
+    return EXIT_OK
+
+
+def _series_files(settings: Settings, target: str, series: str | None) -> list[Any]:
+    from pathlib import Path
+
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    path = Path(target)
+    if path.is_dir():
+        groups: dict[str, list[Path]] = {}
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            try:
+                uid = str(pydicom.dcmread(file, stop_before_pixels=True).SeriesInstanceUID)
+            except (InvalidDicomError, AttributeError, OSError, ValueError):
+                continue
+            groups.setdefault(uid, []).append(file)
+    else:
+        from sqlalchemy import select
+        from sqlalchemy.orm import Session
+
+        from node.db import InstanceRow, SeriesRow, make_engine
+
+        engine = make_engine(settings.storage.database)
+        with Session(engine) as session:
+            rows = session.execute(select(InstanceRow.series_instance_uid, InstanceRow.path)
+                                   .join(SeriesRow)
+                                   .where(SeriesRow.study_instance_uid == target)).all()
+        engine.dispose()
+        groups = {}
+        for uid, rel in rows:
+            groups.setdefault(uid, []).append(settings.storage.spool / rel)
+    if series is not None:
+        return groups.get(series, [])
+    if len(groups) > 1:
+        raise PacsnodeError(f"{target} holds {len(groups)} series; choose one with --series "
+                            f"({', '.join(sorted(groups))})")
+    return next(iter(groups.values()), [])
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from node.inference.runner import pick_device, read_info
+    from node.inference.service import status_file
+
+    settings = _settings(args)
+    try:
+        loaded = _json.loads(status_file(settings).read_text()).get("loaded", {})
+    except (OSError, ValueError):
+        loaded = {}
+    rows = []
+    for m in settings.models:
+        row: dict[str, Any] = {"name": m.name, "format": m.format, "path": str(m.path),
+                               "loaded": bool(loaded.get(m.name, False))}
+        try:
+            info = read_info(m)
+            row.update(version=info.version, weights_sha256=info.weights_sha256,
+                       device=pick_device(m.device), ok=True, error=None)
+        except PacsnodeError as exc:
+            row.update(version=m.version, weights_sha256=None, device=m.device, ok=False,
+                       error=str(exc))
+        rows.append(row)
+    _emit(args, rows, lambda: print("\n".join(
+        f"{r['name']:<16} {r['version'] or '?':<8} {r['format']:<13} "
+        f"sha256 {(r['weights_sha256'] or '-')[:12]:<12} {r['device']:<6} "
+        f"{'loaded' if r['loaded'] else 'not loaded'}"
+        + (f"  ERROR: {r['error']}" if r["error"] else "") for r in rows) or "(no models)"))
+    return EXIT_OK if all(r["ok"] for r in rows) else EXIT_FAILED
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
@@ -206,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", parents=[common], help="run the node")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--role", choices=["all", "receiver", "worker"], default="all",
+                   help="all: receiver plus a worker process (default); receiver: DICOM, "
+                   "assembly, routing, delivery (never imports torch); worker: inference")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("config", help="configuration tools")
@@ -246,6 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
         j = jsub.add_parser(action, parents=[common])
         j.add_argument("id", type=int)
         j.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("infer", parents=[common], help="run a model once on one series")
+    p.add_argument("--model", required=True)
+    p.add_argument("--series", help="series UID, when the target holds several")
+    p.add_argument("--out", required=True, help="folder for the prediction (.npz)")
+    p.add_argument("target", help="a folder of DICOM files, or a study UID in the index")
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("models", help="the configured models")
+    msub = p.add_subparsers(dest="action", required=True)
+    m = msub.add_parser("list", parents=[common])
+    m.set_defaults(func=cmd_models_list)
 
     p = sub.add_parser("synth", parents=[common], help="write a synthetic study")
     p.add_argument("--modality", choices=["CT", "MR"], default="CT")

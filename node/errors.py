@@ -58,3 +58,11 @@ class DeliveryError(PacsnodeError):
 
 class DatasetMismatchError(InvalidInstanceError):
     """The data set contradicts the request that carried it (PS3.4 B.2.3, status A900)."""
+
+
+class ModelError(PacsnodeError):
+    """A model cannot be loaded or run (missing files, bad bundle, out of memory)."""
+
+
+class VolumeError(PacsnodeError):
+    """A series cannot be read as one volume; the message starts "series <UID>: "."""

@@ -128,12 +128,18 @@ class JobStore:
                     updated_at=utcnow())
         )
 
-    def recover(self) -> int:
-        """At start: jobs a crash caught mid-flight become claimable again (step kept)."""
+    def recover(self, kinds: set[str] | None = None) -> int:
+        """At start: jobs a crash caught mid-flight become claimable again (step kept).
+
+        ``kinds``: only the kinds this process runs (a receiver must not take back the
+        jobs a separate worker process is running).
+        """
         with Session(self.engine) as session, session.begin():
+            query = update(JobRow).where(JobRow.state.in_(IN_FLIGHT))
+            if kinds is not None:
+                query = query.where(JobRow.kind.in_(kinds))
             result = session.execute(
-                update(JobRow).where(JobRow.state.in_(IN_FLIGHT))
-                .values(state=JobStateValues.PENDING.value, updated_at=utcnow())
+                query.values(state=JobStateValues.PENDING.value, updated_at=utcnow())
             )
             count = int(getattr(result, "rowcount", 0) or 0)
         if count:

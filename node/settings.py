@@ -139,10 +139,29 @@ class SourceSettings(_Section):
 
 
 class ModelSettings(_Section):
+    """A model the node can run. Unset inference settings come from the bundle's
+    ``configs/metadata.json`` (its "pacsnode" section)."""
+
     name: Name
     path: Path
-    version: str | None = None
+    format: Literal["monai_bundle", "torchscript", "plugin"] = "monai_bundle"
+    plugin: str | None = None           # entry point in group "pacsnode.runners"
+    version: str | None = None          # default: the bundle's version
     description: str = ""
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:[0-9]+)$")] = "auto"
+    window: tuple[float, float] | None = None
+    target_spacing: tuple[float, float, float] | None = None
+    roi_size: tuple[int, int, int] | None = None
+    overlap: Annotated[float, Field(ge=0, lt=1)] | None = None
+    sw_batch_size: Annotated[int, Field(ge=1, le=64)] = 4
+    mixed_precision: bool = True
+    max_concurrency: Annotated[int, Field(ge=1, le=16)] = 1
+
+    @model_validator(mode="after")
+    def _plugin_named(self) -> ModelSettings:
+        if self.format == "plugin" and not self.plugin:
+            raise ValueError('the key plugin (an entry point name) for format = "plugin"')
+        return self
 
 
 class RouteSettings(_Section):

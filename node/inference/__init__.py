@@ -1,0 +1,1 @@
+"""Inference worker: series to volume, model runners, predictions."""

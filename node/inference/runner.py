@@ -1,0 +1,300 @@
+"""Model runners: a MONAI bundle or a TorchScript file, loaded once and kept resident.
+
+Inference is split as MONAI Deploy does: pre-process (intensity window, optional
+resampling to the model's spacing), predict (sliding window, mixed precision on CUDA),
+post-process (class scores resampled back to the source grid, then argmax), so the mask
+matches the source slices voxel for voxel. Nothing is ever downloaded: a bundle whose
+weights are not on disk is an error naming the missing file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812  (the usual name)
+from monai.inferers.utils import sliding_window_inference
+
+from node.errors import ModelError
+from node.inference.volume import Volume
+from node.settings import ModelSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """One output class and its coded concepts for DICOM SEG (PS3.3 C.8.20.2)."""
+
+    value: int
+    name: str
+    category: tuple[str, str, str]     # (code value, scheme, meaning)
+    type: tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str
+    format: str
+    path: Path
+    weights: Path
+    weights_sha256: str
+    device: str
+    window: tuple[float, float] | None
+    target_spacing: tuple[float, float, float] | None
+    roi_size: tuple[int, int, int]
+    overlap: float
+    labels: tuple[LabelSpec, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Prediction:
+    labels: np.ndarray                  # uint8, the source volume's shape (slices, rows, cols)
+    model: str
+    version: str
+    weights_sha256: str
+    device: str
+    seconds: float
+    sw_batch_size: int
+
+
+class Runner(Protocol):
+    """What a custom runner (entry point group "pacsnode.runners") provides: a class
+    taking the model's ModelSettings."""
+
+    info: ModelInfo
+
+    @property
+    def loaded(self) -> bool: ...
+
+    def load(self) -> None: ...
+
+    def predict(self, volume: Volume) -> Prediction: ...
+
+
+RUNNER_GROUP = "pacsnode.runners"
+
+
+def make_runner(settings: ModelSettings) -> Runner:
+    if settings.format != "plugin":
+        return TorchRunner(settings)
+    from importlib.metadata import entry_points
+
+    found = entry_points(group=RUNNER_GROUP, name=str(settings.plugin))
+    if not found:
+        raise ModelError(f"model {settings.name}: no entry point {settings.plugin!r} in group "
+                         f"{RUNNER_GROUP!r} (is its package installed?)")
+    factory = next(iter(found)).load()
+    runner: Runner = factory(settings)
+    return runner
+
+
+def pick_device(wanted: str) -> str:
+    if wanted == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {wanted} requested but CUDA is not available on this host")
+    return wanted
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _code(entry: Any, where: str) -> tuple[str, str, str]:
+    try:
+        return (str(entry["value"]), str(entry["scheme"]), str(entry["meaning"]))
+    except (KeyError, TypeError):
+        raise ModelError(f"{where}: expected {{value, scheme, meaning}}, got {entry!r}") from None
+
+
+def read_info(settings: ModelSettings) -> ModelInfo:
+    """Resolve a model's settings against its bundle metadata; check every file exists."""
+    root = settings.path
+    meta_path = root / "configs" / "metadata.json"
+    if settings.format == "torchscript" and root.is_file():
+        meta: dict[str, Any] = {}
+        weights = root
+    else:
+        if not meta_path.is_file():
+            raise ModelError(f"model {settings.name}: {meta_path} is missing (not a MONAI "
+                             f"bundle folder?)")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"model {settings.name}: cannot read {meta_path}: {exc}") from exc
+        weights = root / "models" / ("model.ts" if settings.format == "torchscript"
+                                     else "model.pt")
+    if not weights.is_file():
+        raise ModelError(f"model {settings.name}: weights file {weights} is missing; pacsnode "
+                         f"never downloads weights, put the file there")
+    extra = meta.get("pacsnode", {})
+    labels = []
+    for value, entry in sorted(extra.get("labels", {}).items(), key=lambda kv: int(kv[0])):
+        where = f"{meta_path}: pacsnode.labels.{value}"
+        labels.append(LabelSpec(int(value), str(entry.get("name", f"label {value}")),
+                                _code(entry.get("category"), where + ".category"),
+                                _code(entry.get("type"), where + ".type")))
+    window = settings.window or (tuple(extra["window"]) if extra.get("window") else None)
+    spacing = settings.target_spacing or (tuple(extra["target_spacing"])
+                                          if extra.get("target_spacing") else None)
+    roi = settings.roi_size or tuple(extra.get("roi_size", (64, 64, 64)))
+    return ModelInfo(
+        name=settings.name, version=settings.version or str(meta.get("version", "0")),
+        format=settings.format, path=root, weights=weights, weights_sha256=_sha256(weights),
+        device=settings.device, window=window, target_spacing=spacing, roi_size=roi,
+        overlap=settings.overlap if settings.overlap is not None
+        else float(extra.get("overlap", 0.25)),
+        labels=tuple(labels),
+    )
+
+
+class TorchRunner:
+    """A MONAI bundle (network_def + model.pt, or model.ts) or a TorchScript file."""
+
+    def __init__(self, settings: ModelSettings) -> None:
+        self.settings = settings
+        self.info = read_info(settings)
+        self.device = pick_device(settings.device)
+        self._network: torch.nn.Module | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._network is not None
+
+    def load(self) -> None:
+        with self._lock:
+            if self._network is None:
+                start = time.monotonic()
+                self._network = self._build().to(self.device).eval()
+                log.info("model %s %s loaded on %s in %.2f s", self.info.name,
+                         self.info.version, self.device, time.monotonic() - start)
+
+    def _build(self) -> torch.nn.Module:
+        weights = self.info.weights
+        if weights.suffix == ".ts" or self.settings.format == "torchscript":
+            scripted: torch.nn.Module = torch.jit.load(  # type: ignore[no-untyped-call]  # torch stub
+                str(weights), map_location="cpu")
+            return scripted
+        from monai.bundle.config_parser import ConfigParser
+
+        config = self.info.path / "configs" / "inference.json"
+        if not config.is_file():
+            raise ModelError(f"model {self.info.name}: {config} is missing")
+        parser = ConfigParser()
+        parser.read_config(str(config))
+        try:
+            network = parser.get_parsed_content("network_def")
+        except Exception as exc:  # noqa: BLE001  ConfigParser raises many kinds
+            raise ModelError(f"model {self.info.name}: cannot build network_def from "
+                             f"{config}: {exc}") from exc
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            network.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ModelError(f"model {self.info.name}: {weights} does not fit the network "
+                             f"of {config}: {exc}") from exc
+        if not isinstance(network, torch.nn.Module):
+            raise ModelError(f"model {self.info.name}: network_def is not a torch module")
+        return network
+
+    def predict(self, volume: Volume) -> Prediction:
+        self.load()
+        start = time.monotonic()
+        batch = self.settings.sw_batch_size
+        device = self.device
+        while True:
+            try:
+                labels = self._infer(volume, device, batch)
+                break
+            except torch.cuda.OutOfMemoryError:
+                if device == "cpu":
+                    raise ModelError(f"model {self.info.name}: out of memory on the CPU") \
+                        from None
+                torch.cuda.empty_cache()
+                if batch > 1:
+                    batch = max(1, batch // 2)
+                    log.warning("model %s: CUDA out of memory; retrying with sliding-window "
+                                "batch %d", self.info.name, batch)
+                else:
+                    log.warning("model %s: CUDA out of memory at batch 1; retrying on the "
+                                "CPU", self.info.name)
+                    device = "cpu"
+        return Prediction(labels, self.info.name, self.info.version, self.info.weights_sha256,
+                          device, time.monotonic() - start, batch)
+
+    def _infer(self, volume: Volume, device: str, sw_batch_size: int) -> np.ndarray:
+        network = self._network
+        assert network is not None
+        if device != self.device:
+            network = network.to(device)
+        image = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))
+        if self.info.window is not None:
+            lo, hi = self.info.window
+            image = (image.clamp(lo, hi) - lo) / (hi - lo)
+        image = image[None, None]
+        source_shape = tuple(image.shape[2:])
+        if self.info.target_spacing is not None:
+            size = [max(1, round(n * s / t)) for n, s, t in
+                    zip(source_shape, volume.spacing, self.info.target_spacing, strict=True)]
+            image = F.interpolate(image, size=size, mode="trilinear", align_corners=False)
+        image = image.to(device)
+        amp = device.startswith("cuda") and self.settings.mixed_precision
+        with torch.inference_mode(), torch.autocast(device_type="cuda" if amp else "cpu",
+                                                    enabled=amp):
+            scores = sliding_window_inference(image, self.info.roi_size, sw_batch_size,
+                                              network, overlap=self.info.overlap)
+            assert isinstance(scores, torch.Tensor)
+            scores = scores.float()
+            if tuple(scores.shape[2:]) != source_shape:
+                scores = F.interpolate(scores, size=source_shape, mode="trilinear",
+                                       align_corners=False)
+            labels = scores.argmax(dim=1)[0]
+        if device != self.device:
+            network.to(self.device)
+        return labels.to("cpu", torch.uint8).numpy()
+
+
+class ModelPool:
+    """Every configured model, each loaded on first use and then kept resident."""
+
+    def __init__(self, models: dict[str, ModelSettings]) -> None:
+        self._settings = dict(models)
+        self._runners: dict[str, Runner] = {}
+        self._gates: dict[str, threading.Semaphore] = {}
+        self._lock = threading.Lock()
+
+    def runner(self, name: str) -> Runner:
+        with self._lock:
+            if name not in self._runners:
+                if name not in self._settings:
+                    raise ModelError(f"no model named {name!r}; configured: "
+                                     f"{sorted(self._settings)}")
+                settings = self._settings[name]
+                self._runners[name] = make_runner(settings)
+                self._gates[name] = threading.Semaphore(settings.max_concurrency)
+            return self._runners[name]
+
+    def predict(self, name: str, volume: Volume) -> Prediction:
+        runner = self.runner(name)
+        with self._gates[name]:
+            return runner.predict(volume)
+
+    def loaded(self) -> dict[str, bool]:
+        with self._lock:
+            return {name: name in self._runners and self._runners[name].loaded
+                    for name in self._settings}

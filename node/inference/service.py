@@ -1,0 +1,134 @@
+"""The worker role: claims ``infer`` jobs, runs them on resident models, saves predictions.
+
+Runs in its own process (``pacsnode serve --role worker``, or spawned by the all-in-one
+``serve``), so a CUDA crash or an out-of-memory kill here can never refuse an
+association: the receiver keeps taking studies and the jobs wait in the table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+
+from node.db import make_engine
+from node.errors import ModelError
+from node.forward import job_files
+from node.inference.runner import ModelPool, Prediction
+from node.inference.volume import Volume, load_volume
+from node.jobs import Job, JobHandler, JobRunner, JobStateValues, JobStore
+from node.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def results_root(settings: Settings) -> Path:
+    return settings.storage.spool.parent / "results"
+
+
+def status_file(settings: Settings) -> Path:
+    return settings.storage.spool / ".worker-status.json"
+
+
+@dataclass(frozen=True)
+class SavedPrediction:
+    path: Path
+    voxels: dict[int, int]
+    volume_mm3: dict[int, float]
+
+
+def save_prediction(directory: Path, prediction: Prediction, volume: Volume) -> SavedPrediction:
+    """Write labels + geometry + provenance as one .npz, atomically (temp, fsync, rename)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"{volume.series_instance_uid}.npz"
+    temp = directory / f".{final.name}.part"
+    with temp.open("wb") as fh:
+        np.savez_compressed(
+            fh, labels=prediction.labels, affine=volume.affine,
+            spacing=np.asarray(volume.spacing),
+            sop_instance_uids=np.asarray(volume.sop_instance_uids),
+            frame_numbers=np.asarray(volume.frame_numbers),
+            provenance=np.asarray(json.dumps({
+                "model": prediction.model, "version": prediction.version,
+                "weights_sha256": prediction.weights_sha256, "device": prediction.device,
+                "series_instance_uid": volume.series_instance_uid})))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(temp, final)
+    voxel_mm3 = float(np.prod(volume.spacing))
+    values, counts = np.unique(prediction.labels, return_counts=True)
+    voxels = {int(v): int(c) for v, c in zip(values, counts, strict=True) if v != 0}
+    return SavedPrediction(final, voxels, {v: c * voxel_mm3 for v, c in voxels.items()})
+
+
+def make_infer_handler(engine: Any, current: Callable[[], Settings],
+                       pool: ModelPool) -> JobHandler:
+    def handle(job: Job, store: JobStore) -> None:
+        settings = current()
+        model = str(job.payload.get("model", ""))
+        if job.series_instance_uid is None:
+            raise ModelError(f"route {job.route} runs {model} on a whole study; give the route "
+                             f"a select block so the model gets one series")
+        files = job_files(engine, settings.storage.spool, job)
+        volume = load_volume(files, series_instance_uid=job.series_instance_uid)
+        prediction = pool.predict(model, volume)
+        saved = save_prediction(results_root(settings) / f"job-{job.id}", prediction, volume)
+        write_status(settings, pool)
+        log.info("job %d: %s %s on %s in %.2f s: %s", job.id, prediction.model,
+                 prediction.version, prediction.device, prediction.seconds,
+                 ", ".join(f"label {k}: {v:.0f} mm3" for k, v in saved.volume_mm3.items())
+                 or "nothing found")
+        # SEG/SR encoding and delivery build on this (results issue); until then the
+        # prediction file is the job's result.
+        store.advance(job.id, JobStateValues.DONE, step=f"predicted:{saved.path}")
+
+    return handle
+
+
+def write_status(settings: Settings, pool: ModelPool) -> None:
+    path = status_file(settings)
+    temp = path.with_suffix(".part")
+    temp.write_text(json.dumps({"pid": os.getpid(), "loaded": pool.loaded()}))
+    os.replace(temp, path)
+
+
+class WorkerNode:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = make_engine(settings.storage.database)
+        self.jobs = JobStore(self.engine, settings.jobs)
+        self.pool = ModelPool({m.name: m for m in settings.models})
+        self.runner = JobRunner(self.jobs, {"infer": make_infer_handler(
+            self.engine, lambda: self.settings, self.pool)}, workers=1)
+        self._stop = threading.Event()
+
+    def serve_forever(self) -> None:
+        def _signal(signum: int, _frame: FrameType | None) -> None:
+            self._stop.set()
+
+        signal.signal(signal.SIGTERM, _signal)
+        signal.signal(signal.SIGINT, _signal)
+        self.settings.storage.spool.mkdir(parents=True, exist_ok=True)
+        self.jobs.recover(kinds={"infer"})
+        write_status(self.settings, self.pool)
+        self.runner.start()
+        log.info("worker ready: %d model(s) configured", len(self.settings.models))
+        parent = int(os.environ.get("PACSNODE_PARENT_PID", "0") or 0)
+        try:
+            while not self._stop.wait(0.5):
+                if parent and os.getppid() != parent:
+                    log.warning("the node that started this worker is gone; stopping")
+                    break
+        finally:
+            self.runner.stop()
+            status_file(self.settings).unlink(missing_ok=True)
+            self.engine.dispose()

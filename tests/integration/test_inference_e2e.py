@@ -1,0 +1,75 @@
+"""storescu → node → route → worker process → prediction on the source grid."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from node import synth
+from tests.integration.dbview import IndexView
+from tests.support import ROOT, TCP_ENV, storescu, wait_for
+from tests.unit.test_runner import make_bundle
+
+pytestmark = pytest.mark.integration
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "node.cli", *args, "-c", str(config)],
+                          capture_output=True, text=True, cwd=ROOT, env=TCP_ENV, timeout=300,
+                          check=False)
+
+
+def test_routed_ct_is_inferred_by_the_worker_process(
+        dcmtk: None, node_factory: Any, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "bundle")
+    node = node_factory(models=[{"name": "tiny", "path": str(bundle), "device": "cpu"}],
+                        routes=[{"name": "ct", "match": {"Modality": "CT"},
+                                 "models": ["tiny"]}]).start()
+    study = synth.make_study(synth.SeriesSpec(slices=16, rows=32, columns=32), seed=71)
+    files = synth.write_study(study, tmp_path / "ct")
+    assert storescu(node.port, files).returncode == 0
+    index = IndexView(node.config.parent / "index.db")
+    done = wait_for(lambda: [j for j in index.jobs() if j["state"] == "done"], timeout=120)
+    (job,) = done
+    assert job["kind"] == "infer" and job["step"].startswith("predicted:")
+    saved = np.load(job["step"].removeprefix("predicted:"))
+    assert saved["labels"].shape == (16, 32, 32)
+    provenance = json.loads(str(saved["provenance"]))
+    assert provenance["model"] == "tiny" and provenance["version"] == "1.0.0"
+    assert list(saved["sop_instance_uids"]) == [str(d.SOPInstanceUID)
+                                                for d in study.series[0].datasets]
+    listed = json.loads(cli(node.config, "models", "list", "--json").stdout)
+    assert listed[0]["loaded"] is True and listed[0]["weights_sha256"] == provenance[
+        "weights_sha256"]
+    # the worker is its own process: killing it leaves the receiver answering
+    status = json.loads((node.config.parent / "spool" / ".worker-status.json").read_text())
+    os.kill(status["pid"], signal.SIGKILL)
+    again = synth.make_study(synth.SeriesSpec(slices=16, rows=32, columns=32), seed=72)
+    assert storescu(node.port, synth.write_study(again, tmp_path / "ct2")).returncode == 0
+    wait_for(lambda: len([j for j in index.jobs() if j["state"] == "done"]) == 2, timeout=120)
+    assert "restarting" in node.log()
+
+
+def test_infer_command_on_a_folder(tmp_path: Path) -> None:
+    from tests.support import write_config
+    bundle = make_bundle(tmp_path / "bundle")
+    config = write_config(tmp_path / "cfg", models=[{"name": "tiny", "path": str(bundle)}])
+    study = synth.make_study(synth.SeriesSpec(slices=10, rows=24, columns=24), seed=73)
+    synth.write_study(study, tmp_path / "in")
+    out = cli(config, "infer", "--model", "tiny", str(tmp_path / "in"), "--out",
+              str(tmp_path / "out"), "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    saved = np.load(info["output"])
+    assert saved["labels"].shape == (10, 24, 24)
+    assert info["series_instance_uid"] == study.series[0].series_instance_uid
+    assert cli(config, "infer", "--model", "nope", str(tmp_path / "in"), "--out",
+               str(tmp_path / "o2")).returncode == 4
