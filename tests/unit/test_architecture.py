@@ -56,3 +56,27 @@ def test_receiver_path_never_imports_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_a_running_receiver_with_models_configured_never_imports_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.support import write_config
+    from tests.unit.test_runner import make_bundle
+
+    bundle = make_bundle(tmp_path / "bundle")
+    config = write_config(tmp_path / "cfg", models=[{"name": "m", "path": str(bundle)}],
+                          routes=[{"name": "r", "match": {"Modality": "CT"}, "models": ["m"]}])
+    code = (
+        "import sys\n"
+        "from node.settings import load_settings\n"
+        "from node.app import Node\n"
+        f"node = Node(load_settings({str(config)!r}), spawn_worker=True)\n"
+        "node.start()\n"
+        "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))\n"
+        "node.stop()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stderr[-2000:]
