@@ -66,3 +66,7 @@ class ModelError(PacsnodeError):
 
 class VolumeError(PacsnodeError):
     """A series cannot be read as one volume; the message starts "series <UID>: "."""
+
+
+class ResultError(PacsnodeError):
+    """A prediction cannot be written as DICOM SEG/SR (bad labels, sources or references)."""
