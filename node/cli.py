@@ -105,9 +105,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging(args.log_level)
     if args.role == "worker":
+        from adapters.dimse import DimseSender
         from node.inference.service import WorkerNode
 
-        WorkerNode(settings).serve_forever()
+        WorkerNode(settings, sender=DimseSender(ae_title=settings.node.ae_title)).serve_forever()
     else:
         Node(settings, spawn_worker=args.role == "all").serve_forever()
     return EXIT_OK

@@ -12,20 +12,25 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
 
 from node.db import make_engine
 from node.errors import ModelError
-from node.forward import job_files
-from node.inference.runner import ModelPool, Prediction
+from node.forward import deliver, job_files
+from node.inference.runner import ModelInfo, ModelPool, Prediction
 from node.inference.volume import Volume, load_volume
 from node.jobs import Job, JobHandler, JobRunner, JobStateValues, JobStore
+from node.ports import Sender
+from node.results.seg import build_seg
+from node.results.sr import build_sr
 from node.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -70,28 +75,73 @@ def save_prediction(directory: Path, prediction: Prediction, volume: Volume) -> 
     return SavedPrediction(final, voxels, {v: c * voxel_mm3 for v, c in voxels.items()})
 
 
-def make_infer_handler(engine: Any, current: Callable[[], Settings],
-                       pool: ModelPool) -> JobHandler:
+def write_dicom(path: Path, ds: Dataset) -> Path:
+    """Write a result object durably: temp file, fsync, rename."""
+    temp = path.with_name(f".{path.name}.part")
+    with temp.open("wb") as fh:
+        ds.save_as(fh, enforce_file_format=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(temp, path)
+    return path
+
+
+def encode_results(job: Job, prediction: Prediction, volume: Volume, files: Sequence[Path],
+                   info: ModelInfo, out_dir: Path) -> list[Path]:
+    """SEG (when anything was found) and TID 1500 SR, with UIDs derived from the job key
+    and the model version, so a re-encode after a crash produces the same objects."""
+    source = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    common: dict[str, Any] = {
+        "model": prediction.model, "version": prediction.version,
+        "weights_sha256": prediction.weights_sha256, "job_key": job.key,
+        "sop_instance_uids": volume.sop_instance_uids, "content_datetime": job.created_at}
+    seg = build_seg(source, prediction.labels, info.labels, **common)
+    sr = build_sr(seg, source, prediction.labels, volume.array, volume.spacing, info.labels,
+                  **common)
+    written = []
+    if seg is not None:
+        written.append(write_dicom(out_dir / "seg.dcm", seg))
+    written.append(write_dicom(out_dir / "sr.dcm", sr))
+    return written
+
+
+def make_infer_handler(engine: Any, current: Callable[[], Settings], pool: ModelPool,
+                       sender: Sender | None = None) -> JobHandler:
     def handle(job: Job, store: JobStore) -> None:
         settings = current()
-        model = str(job.payload.get("model", ""))
-        if job.series_instance_uid is None:
-            raise ModelError(f"route {job.route} runs {model} on a whole study; give the route "
-                             f"a select block so the model gets one series")
-        files = job_files(engine, settings.storage.spool, job)
-        volume = load_volume(files, series_instance_uid=job.series_instance_uid)
-        prediction = pool.predict(model, volume)
-        saved = save_prediction(results_root(settings) / f"job-{job.id}", prediction, volume)
-        write_status(settings, pool)
-        log.info("job %d: %s %s on %s in %.2f s: %s", job.id, prediction.model,
-                 prediction.version, prediction.device, prediction.seconds,
-                 ", ".join(f"label {k}: {v:.0f} mm3" for k, v in saved.volume_mm3.items())
-                 or "nothing found")
-        # SEG/SR encoding and delivery build on this (results issue); until then the
-        # prediction file is the job's result.
-        store.advance(job.id, JobStateValues.DONE, step=f"predicted:{saved.path}")
+        out_dir = results_root(settings) / f"job-{job.id}"
+        if not (job.step or "").startswith("encoded"):
+            _predict_and_encode(engine, settings, pool, job, out_dir)
+            store.advance(job.id, JobStateValues.ENCODED, step="encoded;")
+            job = store.get(job.id)
+        objects = sorted(out_dir.glob("*.dcm"))
+        if job.payload.get("destinations") and sender is not None:
+            deliver(job, store, objects, settings, sender, step_prefix="encoded;")
+        else:
+            store.advance(job.id, JobStateValues.DONE, step="encoded;")
 
     return handle
+
+
+def _predict_and_encode(engine: Any, settings: Settings, pool: ModelPool, job: Job,
+                        out_dir: Path) -> None:
+    model = str(job.payload.get("model", ""))
+    if job.series_instance_uid is None:
+        raise ModelError(f"route {job.route} runs {model} on a whole study; give the route "
+                         f"a select block so the model gets one series")
+    files = job_files(engine, settings.storage.spool, job)
+    volume = load_volume(files, series_instance_uid=job.series_instance_uid)
+    prediction = pool.predict(model, volume)
+    saved = save_prediction(out_dir, prediction, volume)
+    write_status(settings, pool)
+    log.info("job %d: %s %s on %s in %.2f s: %s", job.id, prediction.model,
+             prediction.version, prediction.device, prediction.seconds,
+             ", ".join(f"label {k}: {v:.0f} mm3" for k, v in saved.volume_mm3.items())
+             or "nothing found")
+    by_uid = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f
+              for f in files}
+    ordered = [by_uid[uid] for uid in dict.fromkeys(volume.sop_instance_uids)]
+    encode_results(job, prediction, volume, ordered, pool.runner(model).info, out_dir)
 
 
 def write_status(settings: Settings, pool: ModelPool) -> None:
@@ -102,13 +152,13 @@ def write_status(settings: Settings, pool: ModelPool) -> None:
 
 
 class WorkerNode:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, sender: Sender | None = None) -> None:
         self.settings = settings
         self.engine = make_engine(settings.storage.database)
         self.jobs = JobStore(self.engine, settings.jobs)
         self.pool = ModelPool({m.name: m for m in settings.models})
         self.runner = JobRunner(self.jobs, {"infer": make_infer_handler(
-            self.engine, lambda: self.settings, self.pool)}, workers=1)
+            self.engine, lambda: self.settings, self.pool, sender)}, workers=1)
         self._stop = threading.Event()
 
     def serve_forever(self) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 import pytest
 
 from node import synth
@@ -29,23 +30,35 @@ def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_routed_ct_is_inferred_by_the_worker_process(
         dcmtk: None, node_factory: Any, tmp_path: Path) -> None:
+    from tests.integration.test_cli_and_jobs import StoreSCP
+    scp = StoreSCP(tmp_path / "pacs").start()
     bundle = make_bundle(tmp_path / "bundle")
-    node = node_factory(models=[{"name": "tiny", "path": str(bundle), "device": "cpu"}],
-                        routes=[{"name": "ct", "match": {"Modality": "CT"},
-                                 "models": ["tiny"]}]).start()
+    node = node_factory(
+        models=[{"name": "tiny", "path": str(bundle), "device": "cpu"}],
+        destinations=[{"name": "pacs", "kind": "dimse", "ae_title": "PACS",
+                       "host": "127.0.0.1", "port": scp.port}],
+        routes=[{"name": "ct", "match": {"Modality": "CT"}, "models": ["tiny"],
+                 "destinations": ["pacs"]}]).start()
     study = synth.make_study(synth.SeriesSpec(slices=16, rows=32, columns=32), seed=71)
     files = synth.write_study(study, tmp_path / "ct")
     assert storescu(node.port, files).returncode == 0
     index = IndexView(node.config.parent / "index.db")
     done = wait_for(lambda: [j for j in index.jobs() if j["state"] == "done"], timeout=120)
     (job,) = done
-    assert job["kind"] == "infer" and job["step"].startswith("predicted:")
-    saved = np.load(job["step"].removeprefix("predicted:"))
+    assert job["kind"] == "infer" and job["step"] == "encoded;sent:pacs"
+    results = node.config.parent / "results" / f"job-{job['id']}"
+    saved = np.load(results / f"{study.series[0].series_instance_uid}.npz")
     assert saved["labels"].shape == (16, 32, 32)
     provenance = json.loads(str(saved["provenance"]))
     assert provenance["model"] == "tiny" and provenance["version"] == "1.0.0"
     assert list(saved["sop_instance_uids"]) == [str(d.SOPInstanceUID)
                                                 for d in study.series[0].datasets]
+    received = [pydicom.dcmread(p) for p in sorted(scp.directory.iterdir())]
+    modalities = sorted(str(ds.Modality) for ds in received)
+    expected = ["SEG", "SR"] if saved["labels"].any() else ["SR"]
+    assert modalities == expected
+    assert all(ds.StudyInstanceUID == study.study_instance_uid for ds in received)
+    scp.stop()
     listed = json.loads(cli(node.config, "models", "list", "--json").stdout)
     assert listed[0]["loaded"] is True and listed[0]["weights_sha256"] == provenance[
         "weights_sha256"]
@@ -54,7 +67,9 @@ def test_routed_ct_is_inferred_by_the_worker_process(
     os.kill(status["pid"], signal.SIGKILL)
     again = synth.make_study(synth.SeriesSpec(slices=16, rows=32, columns=32), seed=72)
     assert storescu(node.port, synth.write_study(again, tmp_path / "ct2")).returncode == 0
-    wait_for(lambda: len([j for j in index.jobs() if j["state"] == "done"]) == 2, timeout=120)
+    # the PACS is down now: the result waits, encoded, for the destination
+    wait_for(lambda: [j for j in index.jobs() if j["state"] in ("pending", "delivering")
+                      and (j["step"] or "").startswith("encoded")], timeout=120)
     assert "restarting" in node.log()
 
 
