@@ -15,7 +15,8 @@ from types import FrameType
 
 from sqlalchemy import Engine
 
-from adapters.dimse import DimseReceiver, DimseSender
+from adapters.dimse import DimseReceiver
+from adapters.senders import AnySender
 from node.assembly import Assembly
 from node.db import make_engine
 from node.forward import make_forward_handler
@@ -50,7 +51,7 @@ class Node:
         self.jobs = JobStore(self.engine, settings.jobs)
         self.planner = RoutePlanner(settings.routes, self.jobs, storage.spool)
         self.assembly = Assembly(self.engine, settings.assembly, self.planner, lock=lock)
-        self.sender = DimseSender(ae_title=settings.node.ae_title)
+        self.sender = AnySender(ae_title=settings.node.ae_title)
         self.runner = JobRunner(
             self.jobs,
             {"forward": make_forward_handler(self.engine, lambda: self.settings, self.sender)},

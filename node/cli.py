@@ -105,10 +105,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging(args.log_level)
     if args.role == "worker":
-        from adapters.dimse import DimseSender
+        from adapters.senders import AnySender
         from node.inference.service import WorkerNode
 
-        WorkerNode(settings, sender=DimseSender(ae_title=settings.node.ae_title)).serve_forever()
+        WorkerNode(settings, sender=AnySender(ae_title=settings.node.ae_title)).serve_forever()
     else:
         Node(settings, spawn_worker=args.role == "all").serve_forever()
     return EXIT_OK
@@ -218,21 +218,19 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from adapters.dimse import DimseSender
+    from adapters.senders import AnySender
 
     settings = _settings(args)
     dest = settings.destination(args.destination)
-    if dest.kind != "dimse":
-        raise ConfigError(f"destination {dest.name!r} is {dest.kind}; echo needs a dimse one")
     try:
-        seconds = DimseSender(ae_title=settings.node.ae_title).echo(dest)
+        seconds = AnySender(ae_title=settings.node.ae_title).echo(dest)
     except DeliveryError as exc:
         error = str(exc)
         _emit(args, {"destination": dest.name, "ok": False, "error": error},
               lambda: print(f"echo {dest.name}: FAILED: {error}", file=sys.stderr))
         return EXIT_FAILED
     _emit(args, {"destination": dest.name, "ok": True, "seconds": round(seconds, 4)},
-          lambda: print(f"echo {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): "
+          lambda: print(f"echo {dest.name} ({dest.url or f'{dest.ae_title}@{dest.host}:{dest.port}'}): "
                         f"ok in {seconds * 1000:.1f} ms"))
     return EXIT_OK
 

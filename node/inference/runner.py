@@ -54,6 +54,7 @@ class ModelInfo:
     roi_size: tuple[int, int, int]
     overlap: float
     labels: tuple[LabelSpec, ...]
+    blend_mode: str = "constant"
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,16 +143,12 @@ def read_info(settings: ModelSettings) -> ModelInfo:
         raise ModelError(f"model {settings.name}: weights file {weights} is missing; pacsnode "
                          f"never downloads weights, put the file there")
     extra = meta.get("pacsnode", {})
-    labels = []
-    for value, entry in sorted(extra.get("labels", {}).items(), key=lambda kv: int(kv[0])):
-        where = f"{meta_path}: pacsnode.labels.{value}"
-        labels.append(LabelSpec(int(value), str(entry.get("name", f"label {value}")),
-                                _code(entry.get("category"), where + ".category"),
-                                _code(entry.get("type"), where + ".type")))
-    window = settings.window or (tuple(extra["window"]) if extra.get("window") else None)
-    spacing = settings.target_spacing or (tuple(extra["target_spacing"])
-                                          if extra.get("target_spacing") else None)
-    roi = settings.roi_size or tuple(extra.get("roi_size", (64, 64, 64)))
+    labels = _labels(extra, meta_path)
+    window = settings.window or _pair(extra.get("window", extra.get("window_hu")))
+    spacing = settings.target_spacing or _triple(
+        extra.get("target_spacing", extra.get("target_spacing_mm")))
+    raw_roi = extra.get("roi_size", (64, 64, 64))
+    roi = settings.roi_size or (int(raw_roi[0]), int(raw_roi[1]), int(raw_roi[2]))
     return ModelInfo(
         name=settings.name, version=settings.version or str(meta.get("version", "0")),
         format=settings.format, path=root, weights=weights, weights_sha256=_sha256(weights),
@@ -159,7 +156,43 @@ def read_info(settings: ModelSettings) -> ModelInfo:
         overlap=settings.overlap if settings.overlap is not None
         else float(extra.get("overlap", 0.25)),
         labels=tuple(labels),
+        blend_mode=str(extra.get("blend_mode", "constant")),
     )
+
+
+def _pair(value: Any) -> tuple[float, float] | None:
+    return (float(value[0]), float(value[1])) if value else None
+
+
+def _triple(value: Any) -> tuple[float, float, float] | None:
+    return (float(value[0]), float(value[1]), float(value[2])) if value else None
+
+
+def _labels(extra: dict[str, Any], meta_path: Path) -> list[LabelSpec]:
+    """Labels from the "pacsnode" section: either "labels" {value: {name, category, type}}
+    with {value, scheme, meaning} codes, or "segments" with DICOM-style code items."""
+    out = []
+    for value, entry in sorted(extra.get("labels", {}).items(), key=lambda kv: int(kv[0])):
+        where = f"{meta_path}: pacsnode.labels.{value}"
+        out.append(LabelSpec(int(value), str(entry.get("name", f"label {value}")),
+                             _code(entry.get("category"), where + ".category"),
+                             _code(entry.get("type"), where + ".type")))
+    for value, entry in sorted(extra.get("segments", {}).items(), key=lambda kv: int(kv[0])):
+        where = f"{meta_path}: pacsnode.segments.{value}"
+        out.append(LabelSpec(
+            int(value), str(entry.get("segment_label", f"label {value}")),
+            _dicom_code(entry.get("segmented_property_category"), where),
+            _dicom_code(entry.get("segmented_property_type"), where)))
+    return out
+
+
+def _dicom_code(entry: Any, where: str) -> tuple[str, str, str]:
+    try:
+        return (str(entry["CodeValue"]), str(entry["CodingSchemeDesignator"]),
+                str(entry["CodeMeaning"]))
+    except (KeyError, TypeError):
+        raise ModelError(f"{where}: expected CodeValue, CodingSchemeDesignator, CodeMeaning; "
+                         f"got {entry!r}") from None
 
 
 class TorchRunner:
@@ -242,7 +275,7 @@ class TorchRunner:
         assert network is not None
         if device != self.device:
             network = network.to(device)
-        image = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))
+        image = torch.from_numpy(np.array(volume.array, dtype=np.float32))  # a writable copy
         if self.info.window is not None:
             lo, hi = self.info.window
             image = (image.clamp(lo, hi) - lo) / (hi - lo)
@@ -257,7 +290,8 @@ class TorchRunner:
         with torch.inference_mode(), torch.autocast(device_type="cuda" if amp else "cpu",
                                                     enabled=amp):
             scores = sliding_window_inference(image, self.info.roi_size, sw_batch_size,
-                                              network, overlap=self.info.overlap)
+                                              network, overlap=self.info.overlap,
+                                              mode=self.info.blend_mode)
             assert isinstance(scores, torch.Tensor)
             scores = scores.float()
             if tuple(scores.shape[2:]) != source_shape:
