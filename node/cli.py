@@ -229,8 +229,9 @@ def cmd_echo(args: argparse.Namespace) -> int:
         _emit(args, {"destination": dest.name, "ok": False, "error": error},
               lambda: print(f"echo {dest.name}: FAILED: {error}", file=sys.stderr))
         return EXIT_FAILED
+    where = dest.url or f"{dest.ae_title}@{dest.host}:{dest.port}"
     _emit(args, {"destination": dest.name, "ok": True, "seconds": round(seconds, 4)},
-          lambda: print(f"echo {dest.name} ({dest.url or f'{dest.ae_title}@{dest.host}:{dest.port}'}): "
+          lambda: print(f"echo {dest.name} ({where}): "
                         f"ok in {seconds * 1000:.1f} ms"))
     return EXIT_OK
 

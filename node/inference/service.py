@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from node.db import make_engine
+from node.db import JobRow, make_engine
 from node.errors import ModelError
 from node.forward import deliver, job_files
 from node.inference.runner import ModelInfo, ModelPool, Prediction
@@ -87,9 +89,11 @@ def write_dicom(path: Path, ds: Dataset) -> Path:
 
 
 def encode_results(job: Job, prediction: Prediction, volume: Volume, files: Sequence[Path],
-                   info: ModelInfo, out_dir: Path) -> list[Path]:
+                   info: ModelInfo, out_dir: Path, *,
+                   predecessor: Dataset | None = None) -> list[Path]:
     """SEG (when anything was found) and TID 1500 SR, with UIDs derived from the job key
-    and the model version, so a re-encode after a crash produces the same objects."""
+    and the model version, so a re-encode after a crash produces the same objects. A
+    follow-up (late images) names the earlier SR as its predecessor, superseding it."""
     source = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     common: dict[str, Any] = {
         "model": prediction.model, "version": prediction.version,
@@ -97,7 +101,7 @@ def encode_results(job: Job, prediction: Prediction, volume: Volume, files: Sequ
         "sop_instance_uids": volume.sop_instance_uids, "content_datetime": job.created_at}
     seg = build_seg(source, prediction.labels, info.labels, **common)
     sr = build_sr(seg, source, prediction.labels, volume.array, volume.spacing, info.labels,
-                  **common)
+                  predecessor=predecessor, **common)
     written = []
     if seg is not None:
         written.append(write_dicom(out_dir / "seg.dcm", seg))
@@ -141,7 +145,26 @@ def _predict_and_encode(engine: Any, settings: Settings, pool: ModelPool, job: J
     by_uid = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f
               for f in files}
     ordered = [by_uid[uid] for uid in dict.fromkeys(volume.sop_instance_uids)]
-    encode_results(job, prediction, volume, ordered, pool.runner(model).info, out_dir)
+    encode_results(job, prediction, volume, ordered, pool.runner(model).info, out_dir,
+                   predecessor=_previous_sr(engine, settings, job))
+
+
+def _previous_sr(engine: Any, settings: Settings, job: Job) -> Dataset | None:
+    """The SR of this route's job for an earlier generation of the same series and model."""
+    with Session(engine) as session:
+        rows = session.execute(
+            select(JobRow.id, JobRow.payload).where(
+                JobRow.route == job.route, JobRow.kind == job.kind,
+                JobRow.series_instance_uid == job.series_instance_uid,
+                JobRow.generation < job.generation)
+            .order_by(JobRow.generation.desc())).all()
+    for job_id, payload in rows:
+        if json.loads(payload).get("model") != job.payload.get("model"):
+            continue
+        path = results_root(settings) / f"job-{job_id}" / "sr.dcm"
+        if path.is_file():
+            return pydicom.dcmread(path)
+    return None
 
 
 def write_status(settings: Settings, pool: ModelPool) -> None:

@@ -88,3 +88,29 @@ def test_infer_command_on_a_folder(tmp_path: Path) -> None:
     assert info["series_instance_uid"] == study.series[0].series_instance_uid
     assert cli(config, "infer", "--model", "nope", str(tmp_path / "in"), "--out",
                str(tmp_path / "o2")).returncode == 4
+
+
+def test_late_images_rerun_and_the_new_sr_supersedes_the_old(
+        dcmtk: None, node_factory: Any, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "bundle")
+    node = node_factory(models=[{"name": "tiny", "path": str(bundle)}],
+                        routes=[{"name": "ct", "match": {"Modality": "CT"},
+                                 "models": ["tiny"]}]).start()
+    study = synth.make_study(synth.SeriesSpec(slices=12, rows=32, columns=32), seed=74)
+    files = synth.write_study(study, tmp_path / "ct")
+    assert storescu(node.port, files[:-1]).returncode == 0      # the last slice is late
+    index = IndexView(node.config.parent / "index.db")
+    first = wait_for(lambda: [j for j in index.jobs() if j["state"] == "done"], timeout=120)[0]
+    assert storescu(node.port, files[-1:]).returncode == 0      # follow-up, generation 2
+    second = wait_for(lambda: [j for j in index.jobs() if j["state"] == "done"
+                               and j["id"] != first["id"]], timeout=120)[0]
+    results = node.config.parent / "results"
+    old = pydicom.dcmread(results / f"job-{first['id']}" / "sr.dcm")
+    new = pydicom.dcmread(results / f"job-{second['id']}" / "sr.dcm")
+    assert new.SOPInstanceUID != old.SOPInstanceUID
+    predecessor = new.PredecessorDocumentsSequence[0]
+    ref = predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == old.SOPInstanceUID
+    labels = np.load(results / f"job-{second['id']}" /
+                     f"{study.series[0].series_instance_uid}.npz")["labels"]
+    assert labels.shape[0] == 12                                 # the whole series this time

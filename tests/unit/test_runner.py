@@ -155,3 +155,45 @@ def test_unknown_plugin_runner(tmp_path: Path) -> None:
                                          plugin="nope")})
     with pytest.raises(ModelError, match="no entry point 'nope' in group 'pacsnode.runners'"):
         pool.runner("p")
+
+
+class ThresholdRunner:
+    """A custom runner as a third party would ship it (entry point "pacsnode.runners")."""
+
+    def __init__(self, settings: ModelSettings) -> None:
+        from node.inference.runner import ModelInfo
+        self.settings = settings
+        self.info = ModelInfo(name=settings.name, version="0.1", format="plugin",
+                              path=settings.path, weights=settings.path,
+                              weights_sha256="-", device="cpu", window=None,
+                              target_spacing=None, roi_size=(1, 1, 1), overlap=0.0, labels=())
+        self.loads = 0
+
+    @property
+    def loaded(self) -> bool:
+        return self.loads > 0
+
+    def load(self) -> None:
+        self.loads += 1
+
+    def predict(self, volume: Volume) -> Any:
+        from node.inference.runner import Prediction
+        return Prediction((volume.array > 100).astype(np.uint8), self.info.name, "0.1", "-",
+                          "cpu", 0.0, 1)
+
+
+def test_plugin_runner_from_an_entry_point(tmp_path: Path, volume: Volume,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    dist = tmp_path / "site" / "pacsnode_threshold-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: pacsnode-threshold\n"
+                                   "Version: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[pacsnode.runners]\nthreshold = tests.unit.test_runner:ThresholdRunner\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    pool = ModelPool({"thr": ModelSettings(name="thr", path=tmp_path, format="plugin",
+                                           plugin="threshold")})
+    prediction = pool.predict("thr", volume)
+    assert isinstance(pool.runner("thr"), ThresholdRunner)
+    assert prediction.labels.shape == volume.array.shape
+    assert prediction.labels.sum() == (volume.array > 100).sum()
