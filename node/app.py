@@ -49,7 +49,7 @@ class Node:
         lock = threading.Lock()
         self.intake = Intake(self.spool, self.engine, lock=lock)
         self.jobs = JobStore(self.engine, settings.jobs)
-        self.planner = RoutePlanner(settings.routes, self.jobs, storage.spool)
+        self.planner = RoutePlanner(settings.routes, self.jobs, storage.spool, settings.models)
         self.assembly = Assembly(self.engine, settings.assembly, self.planner, lock=lock)
         self.sender = AnySender(ae_title=settings.node.ae_title)
         self.runner = JobRunner(
@@ -94,12 +94,20 @@ class Node:
         for section in ("node", "storage", "http", "assembly", "jobs"):
             if getattr(new, section) != getattr(self.settings, section):
                 log.warning("reload: [%s] changed; it takes effect at the next restart", section)
-        self.planner.replace_routes(new.routes)
+        self.planner.replace_routes(new.routes, new.models)
+        models_changed = new.models != self.settings.models
         self.settings = self.settings.model_copy(update={
             "routes": new.routes, "models": new.models, "destinations": new.destinations,
             "sources": new.sources})
         log.info("reloaded %s: %d route(s), %d destination(s)", source, len(new.routes),
                  len(new.destinations))
+        if models_changed and self.spawn_worker:
+            log.info("models changed: restarting the worker process")
+            if self.worker is not None:
+                self.worker.stop()
+            self.worker = WorkerSupervisor(self.settings) if self.settings.models else None
+            if self.worker is not None:
+                self.worker.start()
         return True
 
     def stop(self) -> None:
@@ -157,44 +165,55 @@ class Node:
 
 
 class WorkerSupervisor:
-    """Runs the worker role as a child process and restarts it if it dies (a CUDA crash
-    or an OOM kill there must not stop intake). Backoff doubles up to a minute."""
+    """Runs one worker process per device queue (the distinct ``device`` values of the
+    models) and restarts any that dies, with a backoff doubling up to a minute: a CUDA
+    crash or an OOM kill there must not stop intake."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._backoff = 1.0
-        self._next_start = 0.0
+        self.devices = sorted({m.device for m in settings.models})
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._backoff = {d: 1.0 for d in self.devices}
+        self._next_start = {d: 0.0 for d in self.devices}
+        self._started = {d: 0.0 for d in self.devices}
 
     def start(self) -> None:
+        for device in self.devices:
+            self._start(device)
+
+    def _start(self, device: str) -> None:
         assert self.settings.source_file is not None
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "serve", "--role", "worker", "-c",
-             str(self.settings.source_file)],
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "serve", "--role", "worker", "--device",
+             device, "-c", str(self.settings.source_file)],
             env={**os.environ, "PACSNODE_PARENT_PID": str(os.getpid())})
-        self._started = time.monotonic()
-        log.info("worker process %d started", self.proc.pid)
+        self.procs[device] = proc
+        self._started[device] = time.monotonic()
+        log.info("worker process %d started for device queue %s", proc.pid, device)
 
     def check(self) -> None:
-        if self.proc is None or self.proc.poll() is None:
-            return
         now = time.monotonic()
-        if self._next_start == 0.0:
-            if now - self._started > 60:
-                self._backoff = 1.0
-            log.error("worker process %d exited with %s; restarting in %.0f s", self.proc.pid,
-                      self.proc.returncode, self._backoff)
-            self._next_start = now + self._backoff
-            self._backoff = min(60.0, self._backoff * 2)
-        elif now >= self._next_start:
-            self._next_start = 0.0
-            self.start()
+        for device, proc in list(self.procs.items()):
+            if proc.poll() is None:
+                continue
+            if self._next_start[device] == 0.0:
+                if now - self._started[device] > 60:
+                    self._backoff[device] = 1.0
+                log.error("worker process %d (%s) exited with %s; restarting in %.0f s",
+                          proc.pid, device, proc.returncode, self._backoff[device])
+                self._next_start[device] = now + self._backoff[device]
+                self._backoff[device] = min(60.0, self._backoff[device] * 2)
+            elif now >= self._next_start[device]:
+                self._next_start[device] = 0.0
+                self._start(device)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
             try:
-                self.proc.wait(30)
+                proc.wait(30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+                proc.kill()
+                proc.wait(10)

@@ -108,7 +108,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from adapters.senders import AnySender
         from node.inference.service import WorkerNode
 
-        WorkerNode(settings, sender=AnySender(ae_title=settings.node.ae_title)).serve_forever()
+        WorkerNode(settings, sender=AnySender(ae_title=settings.node.ae_title),
+                   device=args.device).serve_forever()
     else:
         Node(settings, spawn_worker=args.role == "all").serve_forever()
     return EXIT_OK
@@ -193,10 +194,13 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     from node.inference.service import status_file
 
     settings = _settings(args)
-    try:
-        loaded = _json.loads(status_file(settings).read_text()).get("loaded", {})
-    except (OSError, ValueError):
-        loaded = {}
+    loaded: dict[str, bool] = {}
+    for path in status_file(settings).parent.glob(".worker-status*.json"):
+        try:
+            for name, is_loaded in _json.loads(path.read_text()).get("loaded", {}).items():
+                loaded[name] = loaded.get(name, False) or bool(is_loaded)
+        except (OSError, ValueError):
+            continue
     rows = []
     for m in settings.models:
         row: dict[str, Any] = {"name": m.name, "format": m.format, "path": str(m.path),
@@ -317,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", choices=["all", "receiver", "worker"], default="all",
                    help="all: receiver plus a worker process (default); receiver: DICOM, "
                    "assembly, routing, delivery (never imports torch); worker: inference")
+    p.add_argument("--device", help="worker role: serve only the models configured with "
+                   "this device (one worker per device queue)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("config", help="configuration tools")

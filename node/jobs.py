@@ -85,6 +85,7 @@ class JobSpec:
     payload: Mapping[str, Any]
     priority: int = 50
     delay_seconds: float = 0.0
+    queue: str = "default"          # an infer job's device queue (the model's device)
 
 
 class JobStore:
@@ -103,6 +104,7 @@ class JobStore:
             series_instance_uid=spec.series_instance_uid, generation=spec.generation,
             payload=json.dumps(dict(spec.payload), sort_keys=True),
             state=JobStateValues.PENDING.value, priority=spec.priority, attempts=0,
+            queue=spec.queue,
             not_before=now + timedelta(seconds=spec.delay_seconds) if spec.delay_seconds
             else None,
             created_at=now, updated_at=now,
@@ -128,7 +130,7 @@ class JobStore:
                     updated_at=utcnow())
         )
 
-    def recover(self, kinds: set[str] | None = None) -> int:
+    def recover(self, kinds: set[str] | None = None, queues: set[str] | None = None) -> int:
         """At start: jobs a crash caught mid-flight become claimable again (step kept).
 
         ``kinds``: only the kinds this process runs (a receiver must not take back the
@@ -138,6 +140,8 @@ class JobStore:
             query = update(JobRow).where(JobRow.state.in_(IN_FLIGHT))
             if kinds is not None:
                 query = query.where(JobRow.kind.in_(kinds))
+            if queues is not None:
+                query = query.where(JobRow.queue.in_(queues))
             result = session.execute(
                 query.values(state=JobStateValues.PENDING.value, updated_at=utcnow())
             )
@@ -146,14 +150,17 @@ class JobStore:
             log.warning("resumed %d job(s) interrupted by a stop", count)
         return count
 
-    def claim(self, kinds: set[str]) -> Job | None:
-        """Take the most urgent claimable job of the given kinds, atomically."""
+    def claim(self, kinds: set[str], queues: set[str] | None = None) -> Job | None:
+        """Take the most urgent claimable job of the given kinds (and queues), atomically."""
         now = utcnow()
         with Session(self.engine) as session, session.begin():
+            query = select(JobRow).where(
+                JobRow.state.in_(CLAIMABLE), JobRow.kind.in_(kinds),
+                or_(JobRow.not_before.is_(None), JobRow.not_before <= now))
+            if queues is not None:
+                query = query.where(JobRow.queue.in_(queues))
             candidates = session.scalars(
-                select(JobRow)
-                .where(JobRow.state.in_(CLAIMABLE), JobRow.kind.in_(kinds),
-                       or_(JobRow.not_before.is_(None), JobRow.not_before <= now))
+                query
                 .order_by(JobRow.priority.desc(), JobRow.id)
                 .limit(5)
             ).all()
@@ -251,8 +258,10 @@ class JobRunner:
     """Threads that claim jobs of the kinds they have handlers for and run them."""
 
     def __init__(self, store: JobStore, handlers: Mapping[str, JobHandler], *,
-                 workers: int = 1, poll_seconds: float = 1.0) -> None:
+                 workers: int = 1, poll_seconds: float = 1.0,
+                 queues: set[str] | None = None) -> None:
         self.store = store
+        self.queues = queues
         self.handlers = dict(handlers)
         self.workers = workers
         self.poll_seconds = poll_seconds
@@ -279,7 +288,7 @@ class JobRunner:
         """Claim and run one job; False when nothing was claimable."""
         if not self.handlers:
             return False
-        job = self.store.claim(set(self.handlers))
+        job = self.store.claim(set(self.handlers), self.queues)
         if job is None:
             return False
         try:

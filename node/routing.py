@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from node.rules import (
     compile_condition,
     compile_selector,
 )
-from node.settings import RouteSettings
+from node.settings import ModelSettings, RouteSettings
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,9 @@ def _evaluate(compiled: CompiledRoute, study: tuple[Attributes, ...],
     return _decision(route, True, f"{out.reason}; {why}", str(chosen.get("SeriesInstanceUID")))
 
 
-def job_specs(decisions: Iterable[Decision], unit: CompletedUnit) -> list[JobSpec]:
+def job_specs(decisions: Iterable[Decision], unit: CompletedUnit,
+              queues: Mapping[str, str] | None = None) -> list[JobSpec]:
+    """``queues``: model name → the device queue its worker claims (default "default")."""
     specs: list[JobSpec] = []
     for d in decisions:
         if not d.fires or d.action == "ignore":
@@ -175,7 +177,8 @@ def job_specs(decisions: Iterable[Decision], unit: CompletedUnit) -> list[JobSpe
             for model in d.models:
                 specs.append(JobSpec(f"{base}:infer:{model}", "infer", d.route,
                                      unit.study_instance_uid, target, unit.generation,
-                                     {**payload, "model": model}, d.priority, d.wait_seconds))
+                                     {**payload, "model": model}, d.priority, d.wait_seconds,
+                                     (queues or {}).get(model, "default")))
         else:
             specs.append(JobSpec(f"{base}:forward", "forward", d.route,
                                  unit.study_instance_uid, target, unit.generation,
@@ -212,14 +215,18 @@ def read_series_attributes(spool_root: Path, session: Session,
 class RoutePlanner:
     """Called by assembly inside the completing transaction; turns decisions into jobs."""
 
-    def __init__(self, routes: Sequence[RouteSettings], jobs: JobStore, spool_root: Path) -> None:
+    def __init__(self, routes: Sequence[RouteSettings], jobs: JobStore, spool_root: Path,
+                 models: Sequence[ModelSettings] = ()) -> None:
         self.routes = tuple(CompiledRoute.of(r) for r in routes)
+        self.queues = {m.name: m.device for m in models}
         self.jobs = jobs
         self.spool_root = spool_root
 
-    def replace_routes(self, routes: Sequence[RouteSettings]) -> None:
+    def replace_routes(self, routes: Sequence[RouteSettings],
+                       models: Sequence[ModelSettings] = ()) -> None:
         """Swap the rule set at once (reload); a plan in progress keeps the old one."""
         self.routes = tuple(CompiledRoute.of(r) for r in routes)
+        self.queues = {m.name: m.device for m in models}
 
     def plan(self, session: Session, unit: CompletedUnit) -> None:
         routes = self.routes
@@ -233,7 +240,7 @@ class RoutePlanner:
             if focus is None:
                 return
         decisions = decide(routes, unit.level, series, focus=focus)
-        specs = job_specs(decisions, unit)
+        specs = job_specs(decisions, unit, self.queues)
         for spec in specs:
             if self.jobs.add(session, spec):
                 log.info("route %s: job %s queued", spec.route, spec.key)

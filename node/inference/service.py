@@ -42,8 +42,9 @@ def results_root(settings: Settings) -> Path:
     return settings.storage.spool.parent / "results"
 
 
-def status_file(settings: Settings) -> Path:
-    return settings.storage.spool / ".worker-status.json"
+def status_file(settings: Settings, device: str | None = None) -> Path:
+    suffix = "" if device is None else "-" + device.replace(":", "")
+    return settings.storage.spool / f".worker-status{suffix}.json"
 
 
 @dataclass(frozen=True)
@@ -110,12 +111,14 @@ def encode_results(job: Job, prediction: Prediction, volume: Volume, files: Sequ
 
 
 def make_infer_handler(engine: Any, current: Callable[[], Settings], pool: ModelPool,
-                       sender: Sender | None = None) -> JobHandler:
+                       sender: Sender | None = None,
+                       on_predicted: Callable[[], None] = lambda: None) -> JobHandler:
     def handle(job: Job, store: JobStore) -> None:
         settings = current()
         out_dir = results_root(settings) / f"job-{job.id}"
         if not (job.step or "").startswith("encoded"):
             _predict_and_encode(engine, settings, pool, job, out_dir)
+            on_predicted()
             store.advance(job.id, JobStateValues.ENCODED, step="encoded;")
             job = store.get(job.id)
         objects = sorted(out_dir.glob("*.dcm"))
@@ -137,7 +140,6 @@ def _predict_and_encode(engine: Any, settings: Settings, pool: ModelPool, job: J
     volume = load_volume(files, series_instance_uid=job.series_instance_uid)
     prediction = pool.predict(model, volume)
     saved = save_prediction(out_dir, prediction, volume)
-    write_status(settings, pool)
     log.info("job %d: %s %s on %s in %.2f s: %s", job.id, prediction.model,
              prediction.version, prediction.device, prediction.seconds,
              ", ".join(f"label {k}: {v:.0f} mm3" for k, v in saved.volume_mm3.items())
@@ -167,21 +169,30 @@ def _previous_sr(engine: Any, settings: Settings, job: Job) -> Dataset | None:
     return None
 
 
-def write_status(settings: Settings, pool: ModelPool) -> None:
-    path = status_file(settings)
+def write_status(settings: Settings, pool: ModelPool, device: str | None = None) -> None:
+    path = status_file(settings, device)
     temp = path.with_suffix(".part")
-    temp.write_text(json.dumps({"pid": os.getpid(), "loaded": pool.loaded()}))
+    temp.write_text(json.dumps({"pid": os.getpid(), "device": device,
+                                "loaded": pool.loaded()}))
     os.replace(temp, path)
 
 
 class WorkerNode:
-    def __init__(self, settings: Settings, *, sender: Sender | None = None) -> None:
+    def __init__(self, settings: Settings, *, sender: Sender | None = None,
+                 device: str | None = None) -> None:
+        """``device``: serve only the queue of the models configured with that device
+        (one worker per device queue); None serves every model."""
         self.settings = settings
+        self.device = device
         self.engine = make_engine(settings.storage.database)
         self.jobs = JobStore(self.engine, settings.jobs)
-        self.pool = ModelPool({m.name: m for m in settings.models})
+        models = [m for m in settings.models if device is None or m.device == device]
+        self.pool = ModelPool({m.name: m for m in models})
+        self.queues = {device} if device is not None else None
         self.runner = JobRunner(self.jobs, {"infer": make_infer_handler(
-            self.engine, lambda: self.settings, self.pool, sender)}, workers=1)
+            self.engine, lambda: self.settings, self.pool, sender,
+            lambda: write_status(self.settings, self.pool, device))}, workers=1,
+            queues=self.queues)
         self._stop = threading.Event()
 
     def serve_forever(self) -> None:
@@ -191,8 +202,8 @@ class WorkerNode:
         signal.signal(signal.SIGTERM, _signal)
         signal.signal(signal.SIGINT, _signal)
         self.settings.storage.spool.mkdir(parents=True, exist_ok=True)
-        self.jobs.recover(kinds={"infer"})
-        write_status(self.settings, self.pool)
+        self.jobs.recover(kinds={"infer"}, queues=self.queues)   # only this worker's queue
+        write_status(self.settings, self.pool, self.device)
         self.runner.start()
         log.info("worker ready: %d model(s) configured", len(self.settings.models))
         parent = int(os.environ.get("PACSNODE_PARENT_PID", "0") or 0)
@@ -203,5 +214,5 @@ class WorkerNode:
                     break
         finally:
             self.runner.stop()
-            status_file(self.settings).unlink(missing_ok=True)
+            status_file(self.settings, self.device).unlink(missing_ok=True)
             self.engine.dispose()

@@ -63,7 +63,7 @@ def test_routed_ct_is_inferred_by_the_worker_process(
     assert listed[0]["loaded"] is True and listed[0]["weights_sha256"] == provenance[
         "weights_sha256"]
     # the worker is its own process: killing it leaves the receiver answering
-    status = json.loads((node.config.parent / "spool" / ".worker-status.json").read_text())
+    status = json.loads((node.config.parent / "spool" / ".worker-status-cpu.json").read_text())
     os.kill(status["pid"], signal.SIGKILL)
     again = synth.make_study(synth.SeriesSpec(slices=16, rows=32, columns=32), seed=72)
     assert storescu(node.port, synth.write_study(again, tmp_path / "ct2")).returncode == 0

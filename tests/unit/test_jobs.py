@@ -160,3 +160,16 @@ def test_wait_seconds_delays_the_job(tmp_path: Path) -> None:
     job = store.list()[0]
     assert job.not_before is not None
     assert timedelta(seconds=119) < job.not_before - job.created_at <= timedelta(seconds=121)
+
+
+def test_device_queues_are_claimed_only_by_their_worker(tmp_path: Path) -> None:
+    store = Rig(tmp_path).jobs
+    _add(store, JobSpec("a", "infer", "r", "1", "1.1", 1, {"model": "ct"}, 50, queue="cuda:0"),
+         JobSpec("b", "infer", "r", "1", "1.2", 1, {"model": "mr"}, 90, queue="cuda:1"))
+    first = store.claim({"infer"}, {"cuda:0"})
+    assert first is not None and first.key == "a"       # not b, though b is more urgent
+    assert store.claim({"infer"}, {"cuda:0"}) is None
+    assert store.recover(kinds={"infer"}, queues={"cuda:1"}) == 0   # a is not cuda:1's
+    assert store.get(first.id).state is JobStateValues.RUNNING
+    second = store.claim({"infer"})
+    assert second is not None and second.key == "b"

@@ -101,3 +101,10 @@ def test_route_validation_errors() -> None:
         RouteSettings(name="r", select={"min_instances": 2}, destinations=["x"])
     with pytest.raises(ValueError, match="needs at least one model"):
         RouteSettings(name="r", action="run")
+
+
+def test_infer_jobs_carry_their_model_device_queue() -> None:
+    rs = routes({"name": "both", "match": {"Modality": "CT"}, "models": ["a", "b"]})
+    specs = job_specs(decide(rs, "series", [CT], focus=CT), unit("series", "1.1"),
+                      {"a": "cuda:0", "b": "cpu"})
+    assert [(s.payload["model"], s.queue) for s in specs] == [("a", "cuda:0"), ("b", "cpu")]
