@@ -38,14 +38,26 @@ def _headers(destination: DestinationSettings) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+def _session(destination: DestinationSettings) -> requests.Session:
+    session = requests.Session()
+    if destination.ca_file is not None:
+        session.verify = str(destination.ca_file)
+    if destination.username is not None and destination.password_file is not None:
+        try:
+            password = destination.password_file.read_text().strip()
+        except OSError as exc:
+            raise DeliveryError(f"{destination.name}: cannot read password_file "
+                                f"{destination.password_file}: {exc.strerror}",
+                                retryable=False) from exc
+        session.auth = (destination.username, password)
+    return session
+
+
 class DicomwebSender:
     """STOW-RS: one request per study in the batch."""
 
-    def __init__(self, *, session: requests.Session | None = None) -> None:
-        self.session = session
-
     def _client(self, destination: DestinationSettings) -> DICOMwebClient:
-        return DICOMwebClient(url=str(destination.url), session=self.session,
+        return DICOMwebClient(url=str(destination.url), session=_session(destination),
                               headers=_headers(destination),
                               timeout=destination.timeout_seconds)
 

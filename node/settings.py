@@ -115,7 +115,10 @@ class DestinationSettings(_Section):
     host: str | None = None
     port: Port | None = None
     url: str | None = None
-    token_file: Path | None = None
+    token_file: Path | None = None          # bearer token (dicomweb)
+    username: str | None = None             # HTTP basic auth (dicomweb), with password_file
+    password_file: Path | None = None
+    ca_file: Path | None = None             # CA bundle for https; verification is always on
     timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
 
     @model_validator(mode="after")
@@ -126,6 +129,10 @@ class DestinationSettings(_Section):
                 raise ValueError(f"the keys {', '.join(missing)} for kind = \"dimse\"")
         elif self.url is None:
             raise ValueError("the key url for kind = \"dicomweb\"")
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file together (HTTP basic auth)")
+        if self.username is not None and self.token_file is not None:
+            raise ValueError("either token_file or username/password_file, not both")
         return self
 
 
@@ -335,7 +342,7 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     for section in _LIST_SECTIONS:
         for item in raw.get(section, []) if isinstance(raw.get(section), list) else []:
             if isinstance(item, dict):
-                for key in ("path", "token_file"):
+                for key in ("path", "token_file", "password_file", "ca_file"):
                     if key in item:
                         item[key] = _resolve(base, item[key])
 

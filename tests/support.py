@@ -146,7 +146,8 @@ class Orthanc:
     PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
     def __init__(self, directory: Path, *, modalities: dict[str, list[Any]] | None = None,
-                 aet: str = "ORTHANC") -> None:
+                 aet: str = "ORTHANC", users: dict[str, str] | None = None) -> None:
+        self.users = users or {}
         self.directory = directory
         self.http_port = free_port()
         self.dicom_port = free_port()
@@ -166,7 +167,8 @@ class Orthanc:
             "IndexDirectory": str(self.directory / "index"),
             "HttpPort": self.http_port, "DicomPort": self.dicom_port,
             "DicomAet": self.aet, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+            "AuthenticationEnabled": bool(self.users), "RegisteredUsers": self.users,
+            "DicomCheckCalledAet": False,
             "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True,
             "DicomModalities": self.modalities,
             "Plugins": [self.PLUGIN] if Path(self.PLUGIN).exists() else [],
@@ -184,8 +186,14 @@ class Orthanc:
 
     def request(self, method: str, path: str, body: Any = None, timeout: float = 600) -> Any:
         data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"}
+        if self.users:
+            import base64
+            user, password = next(iter(self.users.items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            headers["Authorization"] = f"Basic {token}"
         req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+                                     headers=headers)
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             raw = resp.read()
         return json.loads(raw) if raw else None

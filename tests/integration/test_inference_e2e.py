@@ -114,3 +114,30 @@ def test_late_images_rerun_and_the_new_sr_supersedes_the_old(
     labels = np.load(results / f"job-{second['id']}" /
                      f"{study.series[0].series_instance_uid}.npz")["labels"]
     assert labels.shape[0] == 12                                 # the whole series this time
+
+
+def test_stow_rs_with_basic_auth_refusal_then_retry(
+        dcmtk: None, node_factory: Any, orthanc_factory: Any, tmp_path: Path) -> None:
+    orthanc = orthanc_factory(users={"node": "s3cret"}).start()
+    password = tmp_path / "password"
+    password.write_text("wrong\n")
+    bundle = make_bundle(tmp_path / "bundle")
+    node = node_factory(
+        models=[{"name": "tiny", "path": str(bundle)}],
+        destinations=[{"name": "web", "kind": "dicomweb", "url": f"{orthanc.url}/dicom-web",
+                       "username": "node", "password_file": str(password)}],
+        routes=[{"name": "ct", "match": {"Modality": "CT"}, "models": ["tiny"],
+                 "destinations": ["web"]}]).start()
+    study = synth.make_study(synth.SeriesSpec(slices=10, rows=32, columns=32), seed=75)
+    assert storescu(node.port, synth.write_study(study, tmp_path / "ct")).returncode == 0
+    index = IndexView(node.config.parent / "index.db")
+    failed = wait_for(lambda: [j for j in index.jobs() if j["state"] == "failed"], timeout=120)[0]
+    assert "HTTP 401" in failed["last_error"] and failed["attempts"] == 1   # not retried
+    assert "s3cret" not in node.log() and "wrong" not in node.log()
+    password.write_text("s3cret\n")
+    assert cli(node.config, "jobs", "retry", str(failed["id"])).returncode == 0
+    done = wait_for(lambda: [j for j in index.jobs() if j["state"] == "done"], timeout=120)[0]
+    assert done["step"] == "encoded;sent:web"
+    found = orthanc.request("POST", "/tools/find", {"Level": "Instance", "Query": {
+        "StudyInstanceUID": study.study_instance_uid}})
+    assert len(found) >= 1

@@ -1,0 +1,301 @@
+"""Train the reference CT lesion model and write it as a MONAI bundle (models/lesion_ct).
+
+Synthetic phantoms from ``node.synth`` (spheres in soft tissue, known masks) are the only
+training data; nothing is downloaded. The network sees the native voxel grid (no
+resampling), HU clipped to a window and scaled to [0, 1], 64^3 patches. Retrain with::
+
+    .venv/bin/python models/train_lesion_ct.py --epochs 40 --volumes 32 --seed 0 \
+        --out models/lesion_ct
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.networks.nets import UNet
+from pydicom.dataset import Dataset
+
+from lesion_ct_bundle import write_bundle  # models/lesion_ct_bundle.py, beside this script
+from node.synth import Lesion, SeriesSpec, SyntheticSeries, make_study
+
+log = logging.getLogger("train_lesion_ct")
+
+NAME = "pacsnode_lesion_ct"
+VERSION = "1.0.0"
+WINDOW_HU = (-200.0, 300.0)
+ROI_SIZE = (64, 64, 64)
+OVERLAP = 0.25
+SW_BATCH_SIZE = 4
+BLEND_MODE = "gaussian"
+NETWORK_ARGS: dict[str, object] = {
+    "spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 16, 32, 64, 128],
+    "strides": [1, 2, 2, 2], "num_res_units": 0, "norm": "INSTANCE"}
+# Training geometry: what the model was trained and validated on (see the model card).
+PIXEL_SPACING_MM = (0.6, 1.2)
+SLICE_THICKNESS_MM = (1.0, 4.0)
+SLICES = (64, 96)
+MATRIX = (160, 288)
+LESION_RADIUS_MM = (4.0, 15.0)
+CONTRAST_BRIGHT_HU = (40.0, 150.0)  # above soft tissue (40 HU)
+CONTRAST_DARK_HU = (40.0, 120.0)    # below it; darker would look like fat (-100 HU)
+TISSUE_HU = 40.0
+SOFT_TISSUE_HU = (0.0, 100.0)  # smoothed HU accepted as tissue/organ when placing lesions
+BATCH = 2
+STEPS_PER_EPOCH = 100
+VALIDATION_PHANTOMS = 4
+MODEL: dict[str, object] = {
+    "name": NAME, "version": VERSION, "network": NETWORK_ARGS, "target_spacing_mm": None,
+    "window_hu": list(WINDOW_HU), "roi_size": list(ROI_SIZE), "overlap": OVERLAP,
+    "sw_batch_size": SW_BATCH_SIZE, "blend_mode": BLEND_MODE,
+    "geometry": {"pixel_spacing_mm": list(PIXEL_SPACING_MM),
+                 "slice_thickness_mm": list(SLICE_THICKNESS_MM), "slices": list(SLICES),
+                 "matrix": list(MATRIX), "lesion_radius_mm": list(LESION_RADIUS_MM),
+                 "contrast_bright_hu": list(CONTRAST_BRIGHT_HU),
+                 "contrast_dark_hu": list(CONTRAST_DARK_HU), "orientation": "axial"},
+}
+
+F32 = npt.NDArray[np.float32]
+BoolArray = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class Volume:
+    """One phantom: windowed image in [0, 1] and lesion mask, both (slices, rows, columns)."""
+
+    image: npt.NDArray[np.float16]
+    mask: BoolArray
+    lesion_voxels: npt.NDArray[np.int32]  # (n, 3) sample of lesion voxel indices
+
+
+def hu_volume(datasets: tuple[Dataset, ...] | list[Dataset]) -> F32:
+    """HU array (slices, rows, columns), slices sorted along the normal (PS3.3 C.7.6.2.1.1)."""
+    def position(ds: Dataset) -> float:
+        iop = np.array(ds.ImageOrientationPatient, dtype=float)
+        return float(np.cross(iop[:3], iop[3:]) @ np.array(ds.ImagePositionPatient, dtype=float))
+
+    ordered = sorted(datasets, key=position)
+    return np.stack([ds.pixel_array.astype(np.float32) * np.float32(ds.RescaleSlope)
+                     + np.float32(ds.RescaleIntercept) for ds in ordered])
+
+
+def window(hu: F32) -> F32:
+    lo, hi = WINDOW_HU
+    return ((np.clip(hu, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+
+def dice(pred: BoolArray, truth: BoolArray) -> float:
+    total = int(pred.sum()) + int(truth.sum())
+    return 1.0 if total == 0 else 2.0 * int((pred & truth).sum()) / total
+
+
+def random_spec(rng: np.random.Generator, seed: int) -> SeriesSpec:
+    rows = int(rng.integers(MATRIX[0], MATRIX[1] + 1))
+    columns = int(np.clip(rows + rng.integers(-32, 33), *MATRIX))
+    return SeriesSpec(modality="CT", slices=int(rng.integers(SLICES[0], SLICES[1] + 1)),
+                      rows=rows, columns=columns,
+                      pixel_spacing_mm=round(float(rng.uniform(*PIXEL_SPACING_MM)), 3),
+                      slice_thickness_mm=round(float(rng.uniform(*SLICE_THICKNESS_MM)), 3),
+                      lesions=None, seed=seed)
+
+
+def _surface_dirs(n: int = 64) -> F32:
+    i = np.arange(n) + 0.5
+    polar, azimuth = np.arccos(1 - 2 * i / n), np.pi * (1 + 5**0.5) * i
+    return np.stack([np.cos(polar), np.sin(azimuth) * np.sin(polar),
+                     np.cos(azimuth) * np.sin(polar)], axis=1).astype(np.float32)
+
+
+def place_lesions(spec: SeriesSpec, rng: np.random.Generator) -> tuple[Lesion, ...]:
+    """1-4 spheres of varied size and contrast, placed where the lesion-free phantom is soft
+    tissue or organ (checked on a lightly smoothed render of the same grid)."""
+    series = make_study(dataclasses.replace(spec, lesions=())).series[0]
+    hu = torch.from_numpy(hu_volume(series.datasets))[None, None]
+    smooth = torch.nn.functional.avg_pool3d(hu, 3, stride=1, padding=1,
+                                            count_include_pad=False)[0, 0].numpy()
+    ds0 = series.datasets[0]
+    row_dir = np.array(ds0.ImageOrientationPatient[:3], dtype=float)
+    col_dir = np.array(ds0.ImageOrientationPatient[3:], dtype=float)
+    normal = np.cross(row_dir, col_dir)
+    origin = np.array(ds0.ImagePositionPatient, dtype=float)
+    ps, th = float(ds0.PixelSpacing[0]), float(ds0.SliceThickness)
+    shape = np.array(smooth.shape)
+    step = np.array([th, ps, ps])
+    dirs = _surface_dirs()
+    chosen: list[tuple[npt.NDArray[np.float64], float]] = []
+    lesions: list[Lesion] = []
+    for _ in range(int(rng.integers(1, 5))):
+        for _try in range(300):
+            r = float(rng.uniform(*LESION_RADIUS_MM))
+            centre = rng.uniform(0, shape - 1)  # (slice, row, column) index
+            pts = np.vstack([centre, centre + (r + 2.0) * dirs / step,
+                             centre + 0.5 * r * dirs / step])
+            idx = np.rint(pts).astype(int)
+            if (idx < 0).any() or (idx >= shape).any():
+                continue
+            values = smooth[idx[:, 0], idx[:, 1], idx[:, 2]]
+            if not ((values >= SOFT_TISSUE_HU[0]) & (values <= SOFT_TISSUE_HU[1])).all():
+                continue
+            mm = centre * step
+            if any(np.linalg.norm(mm - c) <= r + cr + 2.0 for c, cr in chosen):
+                continue
+            chosen.append((mm, r))
+            bright = rng.uniform() < 0.5
+            contrast = float(rng.uniform(*(CONTRAST_BRIGHT_HU if bright else CONTRAST_DARK_HU)))
+            x, y, z = (round(float(v), 3) for v in origin + centre[0] * th * normal
+                       + centre[1] * ps * col_dir + centre[2] * ps * row_dir)
+            hu_value = TISSUE_HU + (contrast if bright else -contrast)
+            lesions.append(Lesion((x, y, z), round(r, 3), round(hu_value, 1)))
+            break
+    return tuple(lesions)
+
+
+def make_series(seed: int, rng: np.random.Generator) -> SyntheticSeries:
+    """A phantom for ``seed``: synth's own lesions for even seeds, placed ones for odd."""
+    spec = random_spec(rng, seed)
+    if seed % 2:
+        spec = dataclasses.replace(spec, lesions=place_lesions(spec, rng) or None)
+    return make_study(spec, seed=seed).series[0]
+
+
+def make_volume(seed: int, rng: np.random.Generator) -> Volume:
+    series = make_series(seed, rng)
+    mask = np.ascontiguousarray(series.present_mask())
+    voxels = np.argwhere(mask).astype(np.int32)
+    if len(voxels) > 4096:
+        voxels = voxels[rng.choice(len(voxels), 4096, replace=False)]
+    return Volume(window(hu_volume(series.datasets)).astype(np.float16), mask, voxels)
+
+
+def crop(vol: Volume, centre: npt.NDArray[np.int64]) -> tuple[F32, BoolArray]:
+    """A ROI_SIZE patch around ``centre``; outside the volume is 0 (as sliding window pads)."""
+    size = np.array(ROI_SIZE)
+    start = centre - size // 2
+    img = np.zeros(ROI_SIZE, dtype=np.float32)
+    lab = np.zeros(ROI_SIZE, dtype=np.bool_)
+    lo = np.maximum(start, 0)
+    hi = np.minimum(start + size, vol.mask.shape)
+    src = tuple(slice(a, b) for a, b in zip(lo, hi))
+    dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
+    img[dst] = vol.image[src]
+    lab[dst] = vol.mask[src]
+    return img, lab
+
+
+def sample_batch(volumes: list[Volume], rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+    images, labels = [], []
+    for _ in range(BATCH):
+        vol = volumes[int(rng.integers(len(volumes)))]
+        shape = np.array(vol.mask.shape)
+        if len(vol.lesion_voxels) and rng.uniform() < 0.6:
+            centre = vol.lesion_voxels[int(rng.integers(len(vol.lesion_voxels)))].astype(np.int64)
+            centre = centre + rng.integers(-20, 21, 3)
+        else:
+            centre = rng.integers(0, shape)
+        img, lab = crop(vol, centre)
+        for axis in range(3):
+            if rng.uniform() < 0.5:
+                img, lab = np.flip(img, axis), np.flip(lab, axis)
+        if rng.uniform() < 0.5:  # swap rows and columns
+            img, lab = img.transpose(0, 2, 1), lab.transpose(0, 2, 1)
+        images.append(np.ascontiguousarray(img))
+        labels.append(np.ascontiguousarray(lab))
+    return (torch.from_numpy(np.stack(images))[:, None],
+            torch.from_numpy(np.stack(labels).astype(np.int64))[:, None])
+
+
+def build_network() -> UNet:
+    return UNet(**NETWORK_ARGS)  # type: ignore[arg-type]  # args kept as JSON for the bundle
+
+
+def predict(net: torch.nn.Module, hu: F32, device: torch.device) -> BoolArray:
+    """Lesion mask on the input's own grid: window, sliding window, argmax."""
+    x = torch.from_numpy(window(hu))[None, None].to(device)
+    net.eval()
+    with torch.no_grad():
+        logits = sliding_window_inference(x, ROI_SIZE, SW_BATCH_SIZE, net, overlap=OVERLAP,
+                                          mode=BLEND_MODE)
+    return np.asarray(logits.argmax(1)[0].cpu().numpy(), dtype=np.bool_)  # type: ignore[union-attr]
+
+
+def train(args: argparse.Namespace) -> None:
+    if not 1 <= args.volumes <= 500:
+        raise SystemExit(f"--volumes: expected 1..500, got {args.volumes}")
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    rng = np.random.default_rng(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    train_seeds = range(1000 * (args.seed + 1), 1000 * (args.seed + 1) + args.volumes)
+    val_seeds = range(train_seeds.start + 500, train_seeds.start + 500 + VALIDATION_PHANTOMS)
+    started = time.monotonic()
+    volumes = [make_volume(s, rng) for s in train_seeds]
+    log.info("generated %d training phantoms in %.0f s", len(volumes), time.monotonic() - started)
+    net = build_network().to(device)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    total = args.epochs * STEPS_PER_EPOCH
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total,
+                                                pct_start=0.05)
+    for epoch in range(args.epochs):
+        net.train()
+        losses = []
+        for _ in range(STEPS_PER_EPOCH):
+            x, y = (t.to(device) for t in sample_batch(volumes, rng))
+            opt.zero_grad()
+            loss = loss_fn(net(x), y)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        log.info("epoch %d/%d loss %.4f lr %.2e (%.0f s)", epoch + 1, args.epochs,
+                 float(np.mean(losses)), sched.get_last_lr()[0], time.monotonic() - started)
+    train_time = time.monotonic() - started
+    results = []
+    for seed in val_seeds:
+        series = make_series(seed, np.random.default_rng([args.seed, seed]))
+        spec = series.spec
+        pred = predict(net, hu_volume(series.datasets), device)
+        score = dice(pred, series.present_mask())
+        results.append({"seed": seed, "shape": list(pred.shape), "dice": round(score, 4),
+                        "pixel_spacing_mm": spec.pixel_spacing_mm,
+                        "slice_thickness_mm": spec.slice_thickness_mm,
+                        "lesions": len(series.lesions)})
+        log.info("validation seed %d shape %s dice %.4f", seed, pred.shape, score)
+    write_bundle(Path(args.out), net.cpu().state_dict(), model=MODEL, training={
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "seed": args.seed, "epochs": args.epochs, "steps": total, "batch": BATCH,
+        "learning_rate": args.lr, "phantoms": args.volumes,
+        "train_seed_range": [train_seeds.start, train_seeds.stop - 1],
+        "validation_seed_range": [val_seeds.start, val_seeds.stop - 1],
+        "train_time_s": round(train_time), "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+    }, validation=results)
+    log.info("wrote %s (validation Dice %s)", args.out, [r["dice"] for r in results])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=40,
+                        help=f"epochs of {STEPS_PER_EPOCH} steps of {BATCH} patches")
+    parser.add_argument("--volumes", type=int, default=32, help="training phantoms (<= 500)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for everything")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "lesion_ct"),
+                        help="bundle folder to write")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
