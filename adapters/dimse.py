@@ -36,6 +36,7 @@ from node.errors import (
     StorageFullError,
 )
 from node.intake import Intake
+from node.metrics import Metrics
 from node.part10 import file_header
 from node.ports import SendReport
 from node.settings import AllowedCaller, DestinationSettings, NodeSettings
@@ -133,10 +134,12 @@ class DimseReceiver:
         intake: Intake,
         *,
         on_released: Callable[[set[str]], None] = lambda _: None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.intake = intake
         self.on_released = on_released
+        self.metrics = metrics or Metrics()
         self._series: dict[int, set[str]] = {}
         self._series_lock = threading.Lock()
         self._server: Any = None
@@ -168,6 +171,7 @@ class DimseReceiver:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_closed),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACCEPTED, self._on_accepted),
         ]
         ae = self.build_ae()
         self._ae = ae
@@ -210,22 +214,28 @@ class DimseReceiver:
                 expected_sop_class_uid=str(request.AffectedSOPClassUID),
             )
         except StorageFullError as exc:
+            self.metrics.inc("pacsnode_instances_refused_total", status="A700")
             log.error("C-STORE %s from %s refused (A700 out of resources): %s", sop_uid,
                       peer.calling_ae_title, exc)
             return StatusValues.OUT_OF_RESOURCES
         except DatasetMismatchError as exc:
+            self.metrics.inc("pacsnode_instances_refused_total", status="A900")
             log.warning("C-STORE %s from %s refused (A900): %s", sop_uid,
                         peer.calling_ae_title, exc)
             return StatusValues.DATASET_DOES_NOT_MATCH_SOP_CLASS
         except InvalidInstanceError as exc:
+            self.metrics.inc("pacsnode_instances_refused_total", status="C000")
             log.warning("C-STORE %s from %s refused (C000 cannot understand): %s", sop_uid,
                         peer.calling_ae_title, exc)
             return StatusValues.CANNOT_UNDERSTAND
         except IntakeError as exc:
+            self.metrics.inc("pacsnode_instances_refused_total", status="A700")
             log.error("C-STORE %s from %s refused (A700): %s", sop_uid, peer.calling_ae_title, exc)
             return StatusValues.OUT_OF_RESOURCES
         with self._series_lock:
             self._series.setdefault(id(assoc), set()).add(outcome.header.series_instance_uid)
+        self.metrics.inc("pacsnode_instances_received_total")
+        self.metrics.inc("pacsnode_bytes_received_total", float(outcome.size))
         return StatusValues.SUCCESS
 
     def _take_series(self, event: Any) -> set[str]:
@@ -237,7 +247,11 @@ class DimseReceiver:
         if series:
             self.on_released(series)
 
+    def _on_accepted(self, event: Any) -> None:
+        self.metrics.inc("pacsnode_associations_total", result="accepted")
+
     def _on_rejected(self, event: Any) -> None:
+        self.metrics.inc("pacsnode_associations_total", result="rejected")
         ae = self._ae
         if isinstance(ae, _GatedAE) and ae.explained(event.assoc):
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import secrets
 import signal
 import subprocess
 import sys
@@ -16,11 +17,13 @@ from types import FrameType
 from sqlalchemy import Engine
 
 from adapters.dimse import DimseReceiver
+from adapters.http import AdminServer
 from adapters.senders import AnySender
 from node.assembly import Assembly
 from node.db import make_engine
 from node.forward import make_forward_handler
 from node.intake import Intake
+from node.metrics import Metrics, exposition
 from node.jobs import JobRunner, JobStore
 from node.routing import RoutePlanner
 from node.errors import ConfigError
@@ -28,6 +31,24 @@ from node.settings import Settings, load_settings
 from node.spool import Spool
 
 log = logging.getLogger(__name__)
+
+
+def admin_token(settings: Settings) -> str:
+    """The admin API token: from http.token_file, else one generated on first start and
+    kept (mode 0600) in the spool, whose path is logged."""
+    if settings.http.token_file is not None:
+        try:
+            return settings.http.token_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"http.token_file {settings.http.token_file}: cannot read "
+                              f"({exc.strerror})") from exc
+    path = settings.storage.spool / ".admin-token"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32) + "\n")
+        log.info("generated an admin API token in %s", path)
+    return path.read_text().strip()
 
 
 def pid_file(settings: Settings) -> Path:
@@ -58,7 +79,10 @@ class Node:
             workers=settings.jobs.workers,
         )
         self._released: queue.Queue[set[str]] = queue.Queue()
-        self.receiver = DimseReceiver(settings.node, self.intake, on_released=self._released.put)
+        self.metrics = Metrics()
+        self.receiver = DimseReceiver(settings.node, self.intake, on_released=self._released.put,
+                                      metrics=self.metrics)
+        self.admin: AdminServer | None = None
         self._stop = threading.Event()
         self._reload = threading.Event()
         self.worker: WorkerSupervisor | None = None
@@ -74,6 +98,11 @@ class Node:
         self._assembly_thread.start()
         self.runner.start()
         self.receiver.start()
+        self.admin = AdminServer(
+            self.settings.http.host, self.settings.http.port, token=admin_token(self.settings),
+            ready=self.readiness, jobs=self.jobs,
+            metrics=lambda: exposition(self.metrics, self.engine, self.spool.root))
+        self.admin.start()
         pid_file(self.settings).write_text(f"{os.getpid()}\n")
         if self.spawn_worker and self.settings.models:
             self.worker = WorkerSupervisor(self.settings)
@@ -110,9 +139,37 @@ class Node:
                 self.worker.start()
         return True
 
+    def readiness(self) -> dict[str, tuple[bool, str]]:
+        """Database reachable, spool writable, disk above the threshold, workers alive."""
+        checks: dict[str, tuple[bool, str]] = {}
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+            checks["database"] = (True, "reachable")
+        except Exception as exc:  # noqa: BLE001  any driver error means not ready
+            checks["database"] = (False, f"{type(exc).__name__}: {exc}")
+        probe = self.spool.root / ".tmp" / f"ready-{os.getpid()}"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+            checks["spool"] = (True, f"{self.spool.root} writable")
+        except OSError as exc:
+            checks["spool"] = (False, f"{self.spool.root} not writable: {exc.strerror}")
+        free = self.spool.free_bytes()
+        floor = self.settings.storage.min_free_mb * 1024 * 1024
+        checks["disk"] = (free > floor, f"{free // (1024 * 1024)} MiB free, minimum "
+                          f"{self.settings.storage.min_free_mb} MiB")
+        if self.worker is not None:
+            dead = [d for d, p in self.worker.procs.items() if p.poll() is not None]
+            checks["workers"] = (not dead, f"not running: {', '.join(dead)}" if dead
+                                 else f"{len(self.worker.procs)} running")
+        return checks
+
     def stop(self) -> None:
         log.info("stopping: no new associations")
         self.receiver.stop()
+        if self.admin is not None:
+            self.admin.stop()
         if self.worker is not None:
             self.worker.stop()
         self._stop.set()

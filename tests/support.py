@@ -67,6 +67,7 @@ def write_config(directory: Path, **sections: Any) -> Path:
     base: dict[str, Any] = {
         "node": {"ae_title": "PACSNODE", "host": "127.0.0.1", "port": free_port()},
         "storage": {"spool": "spool", "database": "sqlite:///index.db", "min_free_mb": 0},
+        "http": {"host": "127.0.0.1", "port": free_port()},
         "assembly": {"series_quiet_seconds": 3.0, "study_quiet_seconds": 4.0,
                      "check_interval_seconds": 0.1},
     }

@@ -311,6 +311,8 @@ class ModelPool:
         self._runners: dict[str, Runner] = {}
         self._gates: dict[str, threading.Semaphore] = {}
         self._lock = threading.Lock()
+        self.seconds: dict[str, float] = {}
+        self.runs: dict[str, int] = {}
 
     def runner(self, name: str) -> Runner:
         with self._lock:
@@ -326,7 +328,11 @@ class ModelPool:
     def predict(self, name: str, volume: Volume) -> Prediction:
         runner = self.runner(name)
         with self._gates[name]:
-            return runner.predict(volume)
+            prediction = runner.predict(volume)
+        with self._lock:
+            self.seconds[name] = self.seconds.get(name, 0.0) + prediction.seconds
+            self.runs[name] = self.runs.get(name, 0) + 1
+        return prediction
 
     def loaded(self) -> dict[str, bool]:
         with self._lock:

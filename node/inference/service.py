@@ -173,7 +173,8 @@ def write_status(settings: Settings, pool: ModelPool, device: str | None = None)
     path = status_file(settings, device)
     temp = path.with_suffix(".part")
     temp.write_text(json.dumps({"pid": os.getpid(), "device": device,
-                                "loaded": pool.loaded()}))
+                                "loaded": pool.loaded(), "seconds": pool.seconds,
+                                "runs": pool.runs}))
     os.replace(temp, path)
 
 
