@@ -24,6 +24,7 @@ from node.db import make_engine
 from node.forward import make_forward_handler
 from node.intake import Intake
 from node.metrics import Metrics, exposition
+from node.notify import notify, watchdog_interval
 from node.jobs import JobRunner, JobStore
 from node.routing import RoutePlanner
 from node.errors import ConfigError
@@ -210,14 +211,21 @@ class Node:
         signal.signal(signal.SIGINT, _signal)
         signal.signal(signal.SIGHUP, _hangup)
         self.start()
+        notify("READY=1", f"STATUS=listening on port {self.receiver.port}")
+        watchdog = watchdog_interval()
+        last_ping = 0.0
         try:
             while not self._stop.wait(0.2):
+                if watchdog is not None and time.monotonic() - last_ping >= watchdog:
+                    notify("WATCHDOG=1")        # the main loop is alive
+                    last_ping = time.monotonic()
                 if self._reload.is_set():
                     self._reload.clear()
                     self.reload()
                 if self.worker is not None:
                     self.worker.check()
         finally:
+            notify("STOPPING=1")
             self.stop()
 
 

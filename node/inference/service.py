@@ -29,6 +29,7 @@ from node.errors import ModelError
 from node.forward import deliver, job_files
 from node.inference.runner import ModelInfo, ModelPool, Prediction
 from node.inference.volume import Volume, load_volume
+from node.notify import notify
 from node.jobs import Job, JobHandler, JobRunner, JobStateValues, JobStore
 from node.ports import Sender
 from node.results.seg import build_seg
@@ -207,6 +208,7 @@ class WorkerNode:
         write_status(self.settings, self.pool, self.device)
         self.runner.start()
         log.info("worker ready: %d model(s) configured", len(self.settings.models))
+        notify("READY=1")
         parent = int(os.environ.get("PACSNODE_PARENT_PID", "0") or 0)
         try:
             while not self._stop.wait(0.5):
