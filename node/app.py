@@ -20,6 +20,7 @@ from adapters.dimse import DimseReceiver
 from adapters.http import AdminServer
 from adapters.senders import AnySender
 from node.assembly import Assembly
+from node.audit import AuditLog
 from node.db import make_engine
 from node.forward import make_forward_handler
 from node.intake import Intake
@@ -71,13 +72,16 @@ class Node:
         lock = threading.Lock()
         self.intake = Intake(self.spool, self.engine, lock=lock)
         self.jobs = JobStore(self.engine, settings.jobs)
-        self.planner = RoutePlanner(settings.routes, self.jobs, storage.spool, settings.models)
+        self.audit = AuditLog(storage.audit_log)
+        self.planner = RoutePlanner(settings.routes, self.jobs, storage.spool, settings.models,
+                                    self.audit)
         self.assembly = Assembly(self.engine, settings.assembly, self.planner, lock=lock)
         self.sender = AnySender(ae_title=settings.node.ae_title)
         self.runner = JobRunner(
             self.jobs,
-            {"forward": make_forward_handler(self.engine, lambda: self.settings, self.sender)},
-            workers=settings.jobs.workers,
+            {"forward": make_forward_handler(self.engine, lambda: self.settings, self.sender,
+                                             self.audit)},
+            workers=settings.jobs.workers, audit=self.audit,
         )
         self._released: queue.Queue[set[str]] = queue.Queue()
         self.metrics = Metrics()

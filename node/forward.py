@@ -13,6 +13,7 @@ from pathlib import Path
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from node.audit import NO_AUDIT, AuditLog
 from node.db import InstanceRow, SeriesRow
 from node.errors import DeliveryError
 from node.jobs import Job, JobHandler, JobStateValues, JobStore
@@ -35,7 +36,7 @@ def job_files(engine: Engine, spool_root: Path, job: Job) -> list[Path]:
 
 
 def deliver(job: Job, store: JobStore, files: Sequence[Path], settings: Settings,
-            sender: Sender, *, step_prefix: str = "") -> None:
+            sender: Sender, *, step_prefix: str = "", audit: AuditLog = NO_AUDIT) -> None:
     """Send ``files`` to every destination of the job not yet served, then mark it done.
 
     The destinations served so far are kept in the job's step ("<prefix>sent:a,b"), so a
@@ -65,6 +66,8 @@ def deliver(job: Job, store: JobStore, files: Sequence[Path], settings: Settings
             continue
         sent.add(name)
         log.info("job %d: %d instance(s) sent to %s", job.id, report.sent, name)
+        audit.write("delivered", job.study_instance_uid, job=job.id, kind=job.kind,
+                    route=job.route, destination=name, instances=report.sent)
     if failures:
         mark(JobStateValues.DELIVERING)
         raise DeliveryError("; ".join(failures), retryable=True)
@@ -72,7 +75,7 @@ def deliver(job: Job, store: JobStore, files: Sequence[Path], settings: Settings
 
 
 def make_forward_handler(engine: Engine, current: Callable[[], Settings],
-                         sender: Sender) -> JobHandler:
+                         sender: Sender, audit: AuditLog = NO_AUDIT) -> JobHandler:
     """``current`` returns the settings in force (destinations may change on reload)."""
 
     def handle(job: Job, store: JobStore) -> None:
@@ -80,6 +83,6 @@ def make_forward_handler(engine: Engine, current: Callable[[], Settings],
         files = job_files(engine, settings.storage.spool, job)
         if not files:
             raise DeliveryError("no instances left in the spool for this job", retryable=False)
-        deliver(job, store, files, settings, sender)
+        deliver(job, store, files, settings, sender, audit=audit)
 
     return handle

@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import Engine, or_, select, update
 from sqlalchemy.orm import Session
 
+from node.audit import NO_AUDIT, AuditLog
 from node.db import JobRow
 from node.errors import DeliveryError, JobError, PacsnodeError
 from node.intake import utcnow
@@ -259,8 +260,9 @@ class JobRunner:
 
     def __init__(self, store: JobStore, handlers: Mapping[str, JobHandler], *,
                  workers: int = 1, poll_seconds: float = 1.0,
-                 queues: set[str] | None = None) -> None:
+                 queues: set[str] | None = None, audit: AuditLog = NO_AUDIT) -> None:
         self.store = store
+        self.audit = audit
         self.queues = queues
         self.handlers = dict(handlers)
         self.workers = workers
@@ -303,6 +305,11 @@ class JobRunner:
             log.exception("job %d (%s) crashed", job.id, job.kind)
             self.store.fail(job.id, f"internal error: {exc!r}", retryable=True)
         return True
+
+    def _audit_failure(self, job: Job, error: str, state: JobStateValues) -> None:
+        self.audit.write("failed", job.study_instance_uid, job=job.id, kind=job.kind,
+                         route=job.route, error=error, state=state.value,
+                         attempts=job.attempts)
 
     def _loop(self) -> None:
         while not self._stop.is_set():

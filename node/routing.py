@@ -23,7 +23,8 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from node.db import InstanceRow, SeriesRow
+from node.audit import NO_AUDIT, AuditLog
+from node.db import InstanceRow, SeriesRow, StudyRow
 from node.domain import CompletedUnit
 from node.jobs import JobSpec, JobStore
 from node.rules import (
@@ -216,7 +217,8 @@ class RoutePlanner:
     """Called by assembly inside the completing transaction; turns decisions into jobs."""
 
     def __init__(self, routes: Sequence[RouteSettings], jobs: JobStore, spool_root: Path,
-                 models: Sequence[ModelSettings] = ()) -> None:
+                 models: Sequence[ModelSettings] = (), audit: AuditLog = NO_AUDIT) -> None:
+        self.audit = audit
         self.routes = tuple(CompiledRoute.of(r) for r in routes)
         self.queues = {m.name: m.device for m in models}
         self.jobs = jobs
@@ -229,6 +231,7 @@ class RoutePlanner:
         self.queues = {m.name: m.device for m in models}
 
     def plan(self, session: Session, unit: CompletedUnit) -> None:
+        self._audit_received(session, unit)
         routes = self.routes
         if not any(r.settings.level == unit.level for r in routes):
             return
@@ -241,6 +244,11 @@ class RoutePlanner:
                 return
         decisions = decide(routes, unit.level, series, focus=focus)
         specs = job_specs(decisions, unit, self.queues)
+        self.audit.write("routed", unit.study_instance_uid, level=unit.level,
+                         series_instance_uid=unit.series_instance_uid,
+                         generation=unit.generation,
+                         routes=[d.route for d in decisions if d.fires],
+                         jobs=[s.key for s in specs])
         for spec in specs:
             if self.jobs.add(session, spec):
                 log.info("route %s: job %s queued", spec.route, spec.key)
@@ -249,3 +257,20 @@ class RoutePlanner:
             log.info("%s %s: no job (%s)", unit.level,
                      unit.series_instance_uid or unit.study_instance_uid,
                      f"ignored by {', '.join(ignored)}" if ignored else "no route fired")
+
+    def _audit_received(self, session: Session, unit: CompletedUnit) -> None:
+        study = session.get(StudyRow, unit.study_instance_uid)
+        fields: dict[str, Any] = {"level": unit.level, "generation": unit.generation,
+                                  "completion": unit.reason.value}
+        if study is not None:
+            fields.update(patient_id=study.patient_id, patient_name=study.patient_name,
+                          patient_birth_date=study.patient_birth_date,
+                          accession_number=study.accession_number)
+        if unit.series_instance_uid:
+            series = session.get(SeriesRow, unit.series_instance_uid)
+            count = session.scalar(select(func.count()).select_from(InstanceRow).where(
+                InstanceRow.series_instance_uid == unit.series_instance_uid))
+            fields.update(series_instance_uid=unit.series_instance_uid, instances=count,
+                          modality=series.modality if series else None,
+                          calling_ae_title=series.calling_ae_title if series else None)
+        self.audit.write("received", unit.study_instance_uid, **fields)

@@ -82,6 +82,7 @@ class StorageSettings(_Section):
     database: str = "sqlite:///var/pacsnode.db"
     fsync: bool = True
     min_free_mb: Annotated[int, Field(ge=0)] = 256
+    audit_log: Path = Path("var/audit.jsonl")
 
 
 class HttpSettings(_Section):
@@ -326,8 +327,9 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     """Make relative paths relative to the file that names them (DESIGN: config shape)."""
     storage = raw.get("storage")
     if isinstance(storage, dict):
-        if "spool" in storage:
-            storage["spool"] = _resolve(base, storage["spool"])
+        for key in ("spool", "audit_log"):
+            if key in storage:
+                storage[key] = _resolve(base, storage[key])
         db = storage.get("database")
         if isinstance(db, str) and db.startswith("sqlite:///") and not db.startswith("sqlite:////"):
             rel = db.removeprefix("sqlite:///")
@@ -354,6 +356,7 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     storage = raw.setdefault("storage", {})
     if isinstance(storage, dict):       # defaults, too, are relative to the file
         storage.setdefault("spool", str(StorageSettings().spool))
+        storage.setdefault("audit_log", str(StorageSettings().audit_log))
         storage.setdefault("database", StorageSettings().database)
     _resolve_paths(raw, main.parent)
     includes = raw.get("include", [])

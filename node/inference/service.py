@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from node.audit import NO_AUDIT, AuditLog
 from node.db import JobRow, make_engine
 from node.errors import ModelError
 from node.forward import deliver, job_files
@@ -113,18 +114,25 @@ def encode_results(job: Job, prediction: Prediction, volume: Volume, files: Sequ
 
 def make_infer_handler(engine: Any, current: Callable[[], Settings], pool: ModelPool,
                        sender: Sender | None = None,
-                       on_predicted: Callable[[], None] = lambda: None) -> JobHandler:
+                       on_predicted: Callable[[], None] = lambda: None,
+                       audit: AuditLog = NO_AUDIT) -> JobHandler:
     def handle(job: Job, store: JobStore) -> None:
         settings = current()
         out_dir = results_root(settings) / f"job-{job.id}"
         if not (job.step or "").startswith("encoded"):
-            _predict_and_encode(engine, settings, pool, job, out_dir)
+            saved = _predict_and_encode(engine, settings, pool, job, out_dir)
+            audit.write("inferred", job.study_instance_uid, job=job.id,
+                        series_instance_uid=job.series_instance_uid,
+                        model=job.payload.get("model"),
+                        volume_mm3={str(k): round(v, 1) for k, v in saved.volume_mm3.items()},
+                        results=[p.name for p in sorted(out_dir.glob("*.dcm"))])
             on_predicted()
             store.advance(job.id, JobStateValues.ENCODED, step="encoded;")
             job = store.get(job.id)
         objects = sorted(out_dir.glob("*.dcm"))
         if job.payload.get("destinations") and sender is not None:
-            deliver(job, store, objects, settings, sender, step_prefix="encoded;")
+            deliver(job, store, objects, settings, sender, step_prefix="encoded;",
+                    audit=audit)
         else:
             store.advance(job.id, JobStateValues.DONE, step="encoded;")
 
@@ -132,7 +140,7 @@ def make_infer_handler(engine: Any, current: Callable[[], Settings], pool: Model
 
 
 def _predict_and_encode(engine: Any, settings: Settings, pool: ModelPool, job: Job,
-                        out_dir: Path) -> None:
+                        out_dir: Path) -> SavedPrediction:
     model = str(job.payload.get("model", ""))
     if job.series_instance_uid is None:
         raise ModelError(f"route {job.route} runs {model} on a whole study; give the route "
@@ -150,6 +158,7 @@ def _predict_and_encode(engine: Any, settings: Settings, pool: ModelPool, job: J
     ordered = [by_uid[uid] for uid in dict.fromkeys(volume.sop_instance_uids)]
     encode_results(job, prediction, volume, ordered, pool.runner(model).info, out_dir,
                    predecessor=_previous_sr(engine, settings, job))
+    return saved
 
 
 def _previous_sr(engine: Any, settings: Settings, job: Job) -> Dataset | None:
@@ -191,10 +200,11 @@ class WorkerNode:
         models = [m for m in settings.models if device is None or m.device == device]
         self.pool = ModelPool({m.name: m for m in models})
         self.queues = {device} if device is not None else None
+        audit = AuditLog(settings.storage.audit_log)
         self.runner = JobRunner(self.jobs, {"infer": make_infer_handler(
             self.engine, lambda: self.settings, self.pool, sender,
-            lambda: write_status(self.settings, self.pool, device))}, workers=1,
-            queues=self.queues)
+            lambda: write_status(self.settings, self.pool, device), audit)}, workers=1,
+            queues=self.queues, audit=audit)
         self._stop = threading.Event()
 
     def serve_forever(self) -> None:

@@ -132,3 +132,24 @@ def test_disk_full_answers_out_of_resources_and_recovers(
     assert index.counts()[2] == len(files)
     time.sleep(0.1)
     assert node.proc is not None and node.proc.poll() is None
+
+
+def test_sigterm_during_transfer_loses_nothing_and_exits_cleanly(
+        dcmtk: None, node_factory: Any, ct_files: list[Path]) -> None:
+    node = node_factory().start()
+    index = IndexView(node.config.parent / "index.db")
+    sender = subprocess.Popen(
+        ["storescu", "-v", "-aec", "PACSNODE", "127.0.0.1", str(node.port),
+         *map(str, ct_files)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=TCP_ENV)
+    wait_for(lambda: index.counts()[2] >= 30, timeout=60, interval=0.01)
+    assert node.stop() == 0                    # SIGTERM: a clean exit, not a crash
+    output, _ = sender.communicate(timeout=60)
+    acked = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+             for p in _acknowledged(output)}
+    assert acked and len(acked) < len(ct_files)       # it really was mid-transfer
+    assert "stopped" in node.log()
+    node.start()
+    assert acked <= index.sop_uids()
+    assert storescu(node.port, ct_files).returncode == 0   # the sender's retry completes it
+    assert index.counts() == (1, 1, len(ct_files))

@@ -59,6 +59,19 @@ def test_routed_ct_is_inferred_by_the_worker_process(
     assert modalities == expected
     assert all(ds.StudyInstanceUID == study.study_instance_uid for ds in received)
     scp.stop()
+    # patient identifiers: in the audit log, never in the ordinary log
+    patient = study.patient
+    log_text = node.log()
+    for secret in (patient.patient_id, patient.patient_name, patient.birth_date):
+        assert secret not in log_text
+    events = [json.loads(line) for line in
+              (node.config.parent / "var" / "audit.jsonl").read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert {"received", "routed", "inferred", "delivered"} <= set(kinds)
+    received = next(e for e in events if e["event"] == "received")
+    assert received["patient_id"] == patient.patient_id
+    assert received["patient_name"] == patient.patient_name
+    assert all(e["study_instance_uid"] == study.study_instance_uid for e in events)
     listed = json.loads(cli(node.config, "models", "list", "--json").stdout)
     assert listed[0]["loaded"] is True and listed[0]["weights_sha256"] == provenance[
         "weights_sha256"]
