@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import ssl
 import threading
 import time
 import weakref
@@ -39,7 +40,7 @@ from node.intake import Intake
 from node.metrics import Metrics
 from node.part10 import file_header
 from node.ports import SendReport
-from node.settings import AllowedCaller, DestinationSettings, NodeSettings
+from node.settings import AllowedCaller, DestinationSettings, NodeSettings, TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,31 @@ def _host_ok(rule: str | None, address: str) -> bool:
         return False
 
 
+def server_tls(settings: TlsSettings | None) -> ssl.SSLContext | None:
+    """TLS 1.2+ for the listener; with a CA file, client certificates are required."""
+    if settings is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(settings.cert_file), str(settings.key_file))
+    if settings.ca_file is not None:
+        context.load_verify_locations(str(settings.ca_file))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def client_tls(destination: DestinationSettings) -> ssl.SSLContext:
+    """TLS to a destination: its certificate is always verified (against ca_file when
+    given, else the system store); our own certificate when the peer asks for one."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                         cafile=str(destination.ca_file)
+                                         if destination.ca_file else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if destination.cert_file is not None and destination.key_file is not None:
+        context.load_cert_chain(str(destination.cert_file), str(destination.key_file))
+    return context
+
+
 class DimseReceiver:
     """The Storage SCP (plus Verification)."""
 
@@ -176,11 +202,12 @@ class DimseReceiver:
         ae = self.build_ae()
         self._ae = ae
         self._server = ae.start_server((self.settings.host, self.settings.port), block=False,
-                                       evt_handlers=handlers)
+                                       evt_handlers=handlers,
+                                       ssl_context=server_tls(self.settings.tls))
         # Accepted sockets inherit TCP_NODELAY from the listening socket on Linux.
         self._server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        log.info("DICOM listener %s on %s:%d", self.settings.ae_title, self.settings.host,
-                 self.port)
+        log.info("DICOM listener %s on %s:%d%s", self.settings.ae_title, self.settings.host,
+                 self.port, " (TLS)" if self.settings.tls else "")
 
     @property
     def port(self) -> int:
@@ -287,8 +314,9 @@ class DimseSender:
         return ae
 
     def _associate(self, ae: AE, destination: DestinationSettings) -> Any:
+        tls = (client_tls(destination), str(destination.host)) if destination.tls else None
         assoc = ae.associate(str(destination.host), int(destination.port or 0),
-                             ae_title=str(destination.ae_title))
+                             ae_title=str(destination.ae_title), tls_args=tls)
         if not assoc.is_established:
             what = "rejected the association" if assoc.is_rejected else "did not answer"
             raise DeliveryError(

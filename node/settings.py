@@ -64,6 +64,15 @@ class AllowedCaller(_Section):
     host: Network | None = None
 
 
+class TlsSettings(_Section):
+    """DICOM TLS for the listener (PS3.15 Annex B): with ``ca_file`` the peer must present
+    a certificate signed by it (mutual TLS). A TLS listener refuses plain associations."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+
+
 class NodeSettings(_Section):
     ae_title: AETitle = "PACSNODE"
     host: str = "0.0.0.0"
@@ -75,6 +84,7 @@ class NodeSettings(_Section):
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     dimse_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     acse_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    tls: TlsSettings | None = None
 
 
 class StorageSettings(_Section):
@@ -119,7 +129,10 @@ class DestinationSettings(_Section):
     token_file: Path | None = None          # bearer token (dicomweb)
     username: str | None = None             # HTTP basic auth (dicomweb), with password_file
     password_file: Path | None = None
-    ca_file: Path | None = None             # CA bundle for https; verification is always on
+    ca_file: Path | None = None             # CA for https, or for DICOM TLS (tls = true)
+    tls: bool = False                       # dimse: DICOM TLS; the peer is always verified
+    cert_file: Path | None = None           # our client certificate (mutual TLS)
+    key_file: Path | None = None
     timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
 
     @model_validator(mode="after")
@@ -315,6 +328,7 @@ def _known_keys() -> list[str]:
     sections: list[type[BaseModel]] = [
         Settings, NodeSettings, StorageSettings, HttpSettings, AssemblySettings, JobSettings,
         AllowedCaller, DestinationSettings, SourceSettings, ModelSettings, RouteSettings,
+        TlsSettings,
     ]
     return sorted({key for model in sections for key in model.model_fields})
 
@@ -341,10 +355,17 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
             for key in keys:
                 if key in table:
                     table[key] = _resolve(base, table[key])
+    node = raw.get("node")
+    tls = node.get("tls") if isinstance(node, dict) else None
+    if isinstance(tls, dict):
+        for key in ("cert_file", "key_file", "ca_file"):
+            if key in tls:
+                tls[key] = _resolve(base, tls[key])
     for section in _LIST_SECTIONS:
         for item in raw.get(section, []) if isinstance(raw.get(section), list) else []:
             if isinstance(item, dict):
-                for key in ("path", "token_file", "password_file", "ca_file"):
+                for key in ("path", "token_file", "password_file", "ca_file", "cert_file",
+                            "key_file"):
                     if key in item:
                         item[key] = _resolve(base, item[key])
 
