@@ -41,6 +41,10 @@ def _headers(destination: DestinationSettings) -> dict[str, str]:
 def _session(destination: DestinationSettings) -> requests.Session:
     session = requests.Session()
     if destination.ca_file is not None:
+        # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override session.verify; the
+        # configured CA must win, so take proxies from the environment by hand instead.
+        session.trust_env = False
+        session.proxies = requests.utils.get_environ_proxies(str(destination.url))
         session.verify = str(destination.ca_file)
     if destination.username is not None and destination.password_file is not None:
         try:

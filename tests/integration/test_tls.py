@@ -84,3 +84,49 @@ def test_forwarding_to_a_tls_destination(dcmtk: None, node_factory: Any, pki: Pa
     finally:
         scp.terminate()
         scp.wait(10)
+
+
+def test_dicomweb_over_https_verifies_the_certificate(
+        node_factory: Any, pki: Path) -> None:
+    """Debian's Orthanc 1.10.1 dies on its first HTTPS handshake here (SslEnabled), so the
+    HTTPS peer is a stdlib server answering QIDO-RS with an empty result: what is under
+    test is the node's certificate verification, not DICOMweb."""
+    import http.server
+    import ssl
+    import sys
+    import threading
+
+    from tests.support import ROOT
+
+    class Qido(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Qido)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(pki / "server.crt"), str(pki / "server.key"))
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = {"kind": "dicomweb", "url": f"https://127.0.0.1:{server.server_address[1]}"}
+        node = node_factory(destinations=[{**base, "name": "trusted",
+                                           "ca_file": str(pki / "ca.crt")},
+                                          {**base, "name": "untrusted"}])
+
+        def echo(name: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "node.cli", "echo", name, "-c",
+                                   str(node.config)], capture_output=True, text=True,
+                                  cwd=ROOT, check=False, timeout=60)
+        trusted = echo("trusted")
+        assert trusted.returncode == 0, trusted.stderr
+        refused = echo("untrusted")
+        assert refused.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in refused.stderr
+    finally:
+        server.shutdown()
