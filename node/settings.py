@@ -177,6 +177,7 @@ class ModelSettings(_Section):
     sw_batch_size: Annotated[int, Field(ge=1, le=64)] = 4
     mixed_precision: bool = True
     max_concurrency: Annotated[int, Field(ge=1, le=16)] = 1
+    seg_type: Literal["binary", "fractional"] = "binary"   # fractional: probabilities
 
     @model_validator(mode="after")
     def _plugin_named(self) -> ModelSettings:

@@ -66,6 +66,7 @@ class Prediction:
     device: str
     seconds: float
     sw_batch_size: int
+    probabilities: np.ndarray | None = None   # float16 (label 1..N, slices, rows, cols)
 
 
 class Runner(Protocol):
@@ -252,7 +253,7 @@ class TorchRunner:
         device = self.device
         while True:
             try:
-                labels = self._infer(volume, device, batch)
+                labels, probabilities = self._infer(volume, device, batch)
                 break
             except torch.cuda.OutOfMemoryError:
                 if device == "cpu":
@@ -268,9 +269,10 @@ class TorchRunner:
                                 "CPU", self.info.name)
                     device = "cpu"
         return Prediction(labels, self.info.name, self.info.version, self.info.weights_sha256,
-                          device, time.monotonic() - start, batch)
+                          device, time.monotonic() - start, batch, probabilities)
 
-    def _infer(self, volume: Volume, device: str, sw_batch_size: int) -> np.ndarray:
+    def _infer(self, volume: Volume, device: str,
+               sw_batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
         network = self._network
         assert network is not None
         if device != self.device:
@@ -298,9 +300,13 @@ class TorchRunner:
                 scores = F.interpolate(scores, size=source_shape, mode="trilinear",
                                        align_corners=False)
             labels = scores.argmax(dim=1)[0]
+            probabilities = None
+            if self.settings.seg_type == "fractional":
+                probabilities = torch.softmax(scores, dim=1)[0, 1:].to(
+                    "cpu", torch.float16).numpy()
         if device != self.device:
             network.to(self.device)
-        return labels.to("cpu", torch.uint8).numpy()
+        return labels.to("cpu", torch.uint8).numpy(), probabilities
 
 
 class ModelPool:

@@ -102,7 +102,8 @@ def encode_results(job: Job, prediction: Prediction, volume: Volume, files: Sequ
         "model": prediction.model, "version": prediction.version,
         "weights_sha256": prediction.weights_sha256, "job_key": job.key,
         "sop_instance_uids": volume.sop_instance_uids, "content_datetime": job.created_at}
-    seg = build_seg(source, prediction.labels, info.labels, **common)
+    seg = build_seg(source, prediction.labels, info.labels,
+                    probabilities=prediction.probabilities, **common)
     sr = build_sr(seg, source, prediction.labels, volume.array, volume.spacing, info.labels,
                   predecessor=predecessor, **common)
     written = []

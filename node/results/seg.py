@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import highdicom as hd
 import numpy as np
@@ -168,8 +168,12 @@ def build_seg(source: Sequence[Dataset], labels: npt.NDArray[np.integer],
               weights_sha256: str, job_key: str, series_number: int = 901,
               series_description: str = "pacsnode AI segmentation",
               manufacturer: str = "pacsnode", sop_instance_uids: Sequence[str] | None = None,
-              content_datetime: datetime | None = None) -> hd.seg.Segmentation | None:
-    """A binary SEG of ``labels`` (shape (slices, rows, columns) on the source grid).
+              content_datetime: datetime | None = None,
+              probabilities: npt.NDArray[np.floating] | None = None,
+              ) -> hd.seg.Segmentation | None:
+    """A SEG of ``labels`` (shape (slices, rows, columns) on the source grid): binary, or
+    fractional (PS3.3 C.8.20.2.3, probability) when ``probabilities`` is given, shape
+    (label values 1..N, slices, rows, columns), values in [0, 1].
 
     ``source`` matches ``labels``' slice axis (or give ``sop_instance_uids`` to order it).
     Returns None when no labelled voxel is present. ``content_datetime`` (default: now)
@@ -186,9 +190,22 @@ def build_seg(source: Sequence[Dataset], labels: npt.NDArray[np.integer],
         log.info("job %s: empty prediction, no SEG written", job_key)
         return None
     uids = ResultUids.for_job(job_key, model, version)
-    segment_map = np.zeros(labels.shape, dtype=np.uint8 if len(present) < 256 else np.uint16)
-    for number, spec in enumerate(present, start=1):
-        segment_map[labels == spec.value] = number
+    pixel_array: npt.NDArray[Any]
+    if probabilities is not None:
+        if probabilities.shape[1:] != labels.shape:
+            raise ResultError(f"job {job_key}: probabilities shape {probabilities.shape} does "
+                              f"not match labels {labels.shape}")
+        pixel_array = np.stack(           # labels' slice order is the volume's: aligned
+            [np.clip(probabilities[int(spec.value) - 1], 0.0, 1.0).astype(np.float32)
+             for spec in present], axis=-1)
+        seg_type = hd.seg.SegmentationTypeValues.FRACTIONAL
+    else:
+        segment_map = np.zeros(labels.shape,
+                               dtype=np.uint8 if len(present) < 256 else np.uint16)
+        for number, spec in enumerate(present, start=1):
+            segment_map[labels == spec.value] = number
+        pixel_array = segment_map
+        seg_type = hd.seg.SegmentationTypeValues.BINARY
     algorithm = hd.AlgorithmIdentificationSequence(
         name=model, version=version, family=codes.cid7162.ArtificialIntelligence,
         source=manufacturer, parameters={"weights_sha256": weights_sha256})
@@ -205,8 +222,9 @@ def build_seg(source: Sequence[Dataset], labels: npt.NDArray[np.integer],
     date, time = dicom_datetime(content_datetime)
     try:
         seg = hd.seg.Segmentation(
-            source_images=datasets, pixel_array=segment_map,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            source_images=datasets, pixel_array=pixel_array,
+            segmentation_type=seg_type,
+            fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
             segment_descriptions=descriptions, series_instance_uid=uids.seg_series,
             series_number=series_number, sop_instance_uid=uids.seg_instance,
             instance_number=1, manufacturer=manufacturer, manufacturer_model_name=model,

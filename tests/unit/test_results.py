@@ -345,3 +345,22 @@ def test_mr_intensities_are_reported_without_unit(tmp_path: Path) -> None:
              if m.derivation is not None and m.derivation == codes.SCT.Mean]
     assert [(m.name, m.unit) for m in means] == [(codes.DCM.MRSignalIntensity, codes.UCUM.NoUnits)]
     assert means[0].value == pytest.approx(float(volume.array[labels == 1].mean()), abs=0.01)
+
+
+def test_fractional_seg_carries_probabilities(case: Case, tmp_path: Path) -> None:
+    mask = case.labels.astype(np.float32)
+    rng = np.random.default_rng(5)
+    probabilities = np.clip(mask * 0.9 + rng.uniform(0, 0.05, mask.shape), 0, 1)[None]
+    seg = build_seg(case.series.datasets, case.labels, [LESION], job_key="job-frac",
+                    probabilities=probabilities.astype(np.float16), **PROVENANCE)
+    assert seg is not None and seg.SegmentationType == "FRACTIONAL"
+    assert seg.SegmentationFractionalType == "PROBABILITY"
+    path = _write(seg, tmp_path / "frac.dcm")
+    assert _errors(_tool("dciodvfy", path)) == []
+    back = hd.seg.segread(path)
+    pixels = back.get_pixels_by_source_instance(
+        source_sop_instance_uids=[str(d.SOPInstanceUID) for d in case.series.datasets],
+        segment_numbers=[1], combine_segments=False, rescale_fractional=True,
+        skip_overlap_checks=True)[..., 0]
+    # 8-bit quantisation (MaximumFractionalValue 255): within 1/255 of what was written
+    assert np.abs(pixels - probabilities[0]).max() <= 1 / 255 + 1e-3

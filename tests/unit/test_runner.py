@@ -105,7 +105,7 @@ def test_out_of_memory_halves_the_batch_then_falls_back_to_cpu(
     tries: list[tuple[str, int]] = []
     real = TorchRunner._infer
 
-    def infer(self: TorchRunner, vol: Volume, device: str, batch: int) -> Any:
+    def infer(self: TorchRunner, vol: Volume, device: str, batch: int) -> Any:  # noqa: ANN401
         tries.append((device, batch))
         if device == "cuda":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -197,3 +197,17 @@ def test_plugin_runner_from_an_entry_point(tmp_path: Path, volume: Volume,
     assert isinstance(pool.runner("thr"), ThresholdRunner)
     assert prediction.labels.shape == volume.array.shape
     assert prediction.labels.sum() == (volume.array > 100).sum()
+
+
+def test_fractional_models_return_probabilities_consistent_with_labels(
+        tmp_path: Path, volume: Volume) -> None:
+    runner = TorchRunner(ModelSettings(name="f", path=make_bundle(tmp_path / "b"),
+                                       seg_type="fractional"))
+    prediction = runner.predict(volume)
+    assert prediction.probabilities is not None
+    assert prediction.probabilities.shape == (1, *volume.array.shape)
+    probs = prediction.probabilities[0].astype(np.float32)
+    assert probs.min() >= 0 and probs.max() <= 1
+    assert ((probs > 0.5) == (prediction.labels == 1)).mean() > 0.999   # two classes: argmax
+    assert TorchRunner(ModelSettings(name="b", path=tmp_path / "b")).predict(volume) \
+        .probabilities is None
