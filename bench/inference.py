@@ -99,7 +99,7 @@ def main() -> int:
             with torch.inference_mode():
                 scores = sliding_window_inference(tensor, info.roi_size,
                                                   settings.sw_batch_size, network,
-                                                  overlap=info.overlap)
+                                                  overlap=info.overlap, mode=info.blend_mode)
                 assert isinstance(scores, torch.Tensor)
                 scores.argmax(dim=1).cpu()
 

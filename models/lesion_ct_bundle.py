@@ -142,7 +142,11 @@ SCT 49755003 "Morphologically abnormal structure" / SCT 52988006 "Lesion".
 ## Network
 MONAI `UNet({net})`; {pn['training']['parameters']:,} parameters,
 weights `models/model.pt` (state_dict, loads with `torch.load(..., weights_only=True)`),
-SHA-256 `{pn['weights_sha256']}`.
+SHA-256 `{pn['weights_sha256']}`. The first two levels keep full resolution (strides 1, 1):
+the last nonlinear decoder layer then combines each voxel's own intensity with the
+upsampled context, which is what puts the mask boundary on the right voxel. (With a
+stride-2 first level the boundary comes from half-resolution features and ends up blurred
+and shifted by up to a voxel.)
 
 ## Pre- and post-processing (fixed)
 1. Volume `(slices, rows, columns)` from the series, slices in ascending position along the

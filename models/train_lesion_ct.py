@@ -4,7 +4,7 @@ Synthetic phantoms from ``node.synth`` (spheres in soft tissue, known masks) are
 training data; nothing is downloaded. The network sees the native voxel grid (no
 resampling), HU clipped to a window and scaled to [0, 1], 64^3 patches. Retrain with::
 
-    .venv/bin/python models/train_lesion_ct.py --epochs 40 --volumes 32 --seed 0 \
+    .venv/bin/python models/train_lesion_ct.py --epochs 18 --volumes 32 --seed 0 \
         --out models/lesion_ct
 """
 
@@ -39,8 +39,9 @@ OVERLAP = 0.25
 SW_BATCH_SIZE = 4
 BLEND_MODE = "gaussian"
 NETWORK_ARGS: dict[str, object] = {
-    "spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 16, 32, 64, 128],
-    "strides": [1, 2, 2, 2], "num_res_units": 0, "norm": "INSTANCE"}
+    "spatial_dims": 3, "in_channels": 1, "out_channels": 2,
+    "channels": [8, 8, 16, 32, 64, 128], "strides": [1, 1, 2, 2, 2], "num_res_units": 0,
+    "norm": "INSTANCE"}
 # Training geometry: what the model was trained and validated on (see the model card).
 PIXEL_SPACING_MM = (0.6, 1.2)
 SLICE_THICKNESS_MM = (1.0, 4.0)
@@ -285,7 +286,7 @@ def train(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=40,
+    parser.add_argument("--epochs", type=int, default=18,
                         help=f"epochs of {STEPS_PER_EPOCH} steps of {BATCH} patches")
     parser.add_argument("--volumes", type=int, default=32, help="training phantoms (<= 500)")
     parser.add_argument("--seed", type=int, default=0, help="seed for everything")

@@ -33,7 +33,8 @@ def _node(node_factory: Any, orthanc: Any, destination: dict[str, Any]) -> Any:
 
 
 def _phantom(tmp_path: Path, seed: int) -> tuple[synth.SyntheticStudy, list[Path]]:
-    spec = synth.SeriesSpec(slices=48, rows=128, columns=128, pixel_spacing_mm=1.2,
+    # inside the geometry the reference model was validated on (its metadata.json)
+    spec = synth.SeriesSpec(slices=64, rows=192, columns=192, pixel_spacing_mm=1.0,
                             slice_thickness_mm=1.5, seed=seed)
     study = synth.make_study(spec, seed=seed)
     return study, synth.write_study(study, tmp_path / f"ct{seed}")
