@@ -229,6 +229,17 @@ def predict(net: torch.nn.Module, hu: F32, device: torch.device) -> BoolArray:
     return np.asarray(logits.argmax(1)[0].cpu().numpy(), dtype=np.bool_)  # type: ignore[union-attr]
 
 
+def _save_checkpoint(path: Path, *, epoch: int, net: torch.nn.Module,
+                     opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+                     rng: np.random.Generator, seconds: float) -> None:
+    """Everything needed to resume after ``epoch`` (written atomically)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"epoch": epoch, "net": net.state_dict(), "opt": opt.state_dict(),
+                "sched": sched.state_dict(), "rng": rng.bit_generator.state,
+                "seconds": seconds}, tmp)
+    tmp.replace(path)
+
+
 def train(args: argparse.Namespace) -> None:
     if not 1 <= args.volumes <= 500:
         raise SystemExit(f"--volumes: expected 1..500, got {args.volumes}")
@@ -247,7 +258,17 @@ def train(args: argparse.Namespace) -> None:
     total = args.epochs * STEPS_PER_EPOCH
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total,
                                                 pct_start=0.05)
-    for epoch in range(args.epochs):
+    first, spent = 0, 0.0
+    if args.checkpoint and Path(args.checkpoint).exists():
+        state = torch.load(args.checkpoint, map_location=device, weights_only=True)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        rng.bit_generator.state = state["rng"]
+        first, spent = int(state["epoch"]), float(state["seconds"])
+        log.info("resumed from %s after epoch %d", args.checkpoint, first)
+    started -= spent
+    for epoch in range(first, args.epochs):
         net.train()
         losses = []
         for _ in range(STEPS_PER_EPOCH):
@@ -260,6 +281,9 @@ def train(args: argparse.Namespace) -> None:
             losses.append(loss.item())
         log.info("epoch %d/%d loss %.4f lr %.2e (%.0f s)", epoch + 1, args.epochs,
                  float(np.mean(losses)), sched.get_last_lr()[0], time.monotonic() - started)
+        if args.checkpoint:
+            _save_checkpoint(Path(args.checkpoint), epoch=epoch + 1, net=net, opt=opt,
+                             sched=sched, rng=rng, seconds=time.monotonic() - started)
     train_time = time.monotonic() - started
     results = []
     for seed in val_seeds:
@@ -291,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--volumes", type=int, default=32, help="training phantoms (<= 500)")
     parser.add_argument("--seed", type=int, default=0, help="seed for everything")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    parser.add_argument("--checkpoint", default=None,
+                        help="file to save after every epoch and to resume from if present")
     parser.add_argument("--out", default=str(Path(__file__).parent / "lesion_ct"),
                         help="bundle folder to write")
     args = parser.parse_args(argv)
