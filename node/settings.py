@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from node.errors import ConfigError
+from node.transcode import AS_IS, check_transfer_syntax
 
 DEFAULT_CONFIG = Path("config/pacsnode.toml")
 CONFIG_ENV = "PACSNODE_CONFIG"
@@ -134,6 +135,8 @@ class DestinationSettings(_Section):
     cert_file: Path | None = None           # our client certificate (mutual TLS)
     key_file: Path | None = None
     timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    # "as-is", or a transfer syntax UID objects are converted to (node/transcode.py)
+    transfer_syntax: Annotated[str, AfterValidator(check_transfer_syntax)] = AS_IS
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> DestinationSettings:
