@@ -8,10 +8,13 @@ import json
 import os
 import signal
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
 import pytest
+import torch
 
 from node import synth
 from tests.integration.dbview import IndexView
@@ -125,3 +128,50 @@ def test_a_refusing_destination_dead_letters_alone_and_retry_sends_only_it(
     shown = json.loads(cli(node.config, "jobs", "show", str(job["id"]), "--json").stdout)
     assert {d["destination"]: d["state"] for d in shown["deliveries"]} == {
         "archive": "sent", "pacs": "sent"}
+
+
+class _BrightnessClassifier(torch.nn.Module):
+    """Two classes from the mean windowed intensity (a known, deterministic answer)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = (x.mean(dim=(1, 2, 3, 4)) - 0.3) * 20.0
+        return torch.stack([-z, z], dim=1)
+
+
+def test_a_classifier_result_reaches_orthanc_as_an_sr_without_seg(
+        dcmtk: None, node_factory: Any, archive: Orthanc, tmp_path: Path) -> None:
+    model = tmp_path / "classifier.ts"
+    torch.jit.script(_BrightnessClassifier()).save(str(model))  # type: ignore[no-untyped-call]
+    classes = [{"name": "normal", "finding": {"value": "17621005", "scheme": "SCT",
+                                              "meaning": "Normal"}},
+               {"name": "abnormal", "finding": {"value": "263654008", "scheme": "SCT",
+                                                "meaning": "Abnormal"}}]
+    node = node_factory(
+        models=[{"name": "bright", "path": str(model), "format": "torchscript",
+                 "device": "cpu", "version": "0.1", "window": [-200.0, 300.0],
+                 "input_size": [8, 16, 16], "classes": classes}],
+        destinations=[{"name": "web", "kind": "dicomweb", "url": f"{archive.url}/dicom-web"}],
+        routes=[{"name": "classify", "match": {"Modality": "CT"}, "models": ["bright"],
+                 "destinations": ["web"]}]).start()
+    study, files = _series(tmp_path, 503, slices=8)
+    assert storescu(node.port, files).returncode == 0
+    index = IndexView(node.config.parent / "index.db")
+    job = wait_for(lambda: [j for j in index.jobs() if j["state"] == "done"], timeout=120)[0]
+    assert job["step"] == "encoded;sent:web"
+    ids = _instances(archive, study.study_instance_uid)
+    modalities = [archive.request("GET", f"/instances/{i}/simplified-tags")["Modality"]
+                  for i in ids]
+    assert modalities == ["SR"]                                  # no SEG for a classifier
+    sr = hd.sr.srread(BytesIO(_file(archive, ids[0])))
+    groups = sr.content.get_image_measurement_groups()
+    found = {g.finding_type.value: g.get_measurements(
+        name=hd.sr.CodedConcept("122157", "DCM", "Probability"))[0].value for g in groups}
+    assert set(found) == {"17621005", "263654008"}
+    assert sum(found.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def _file(orthanc: Orthanc, instance: str) -> bytes:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{orthanc.url}/instances/{instance}/file", timeout=30) as r:
+        return bytes(r.read())
