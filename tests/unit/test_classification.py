@@ -149,3 +149,33 @@ def test_bad_classifier_output_and_config_are_named(
         build_sr(None, series.datasets, None, None, None, [], model="cls", version="0.1",
                  weights_sha256="ab" * 32, job_key="j",
                  sop_instance_uids=volume.sop_instance_uids)
+
+
+def test_a_model_that_segments_and_classifies_gets_both_in_one_sr(
+        series: synth.SyntheticSeries, tmp_path: Path) -> None:
+    from node.inference.runner import ClassSpec, LabelSpec
+    from node.results.seg import build_seg
+
+    volume = volume_from_datasets(series.datasets)
+    labels = series.present_mask().astype(np.uint8)
+    assert labels.any()
+    lesion = LabelSpec(1, "lesion", ("49755003", "SCT", "Morphologically abnormal structure"),
+                       ("52988006", "SCT", "Lesion"))
+    classes = [ClassSpec(0, "benign", ("30807003", "SCT", "Benign")),
+               ClassSpec(1, "malignant", ("86049000", "SCT", "Malignant"))]
+    common: dict[str, Any] = dict(model="both", version="1", weights_sha256="cd" * 32,
+                                  job_key="job-both", sop_instance_uids=volume.sop_instance_uids)
+    seg = build_seg(series.datasets, labels, [lesion], **common)
+    sr = build_sr(seg, series.datasets, labels, volume.array, volume.spacing, [lesion],
+                  classes=classes, class_probabilities=[0.25, 0.75], **common)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    assert [x for x in (check.stdout + check.stderr).splitlines() if "Error" in x] == []
+    report = hd.sr.srread(path).content
+    volumetric = report.get_volumetric_roi_measurement_groups()
+    assert [g.finding_type.value for g in volumetric] == ["52988006"]
+    image = report.get_image_measurement_groups()
+    probability = hd.sr.CodedConcept("122157", "DCM", "Probability")
+    assert {g.finding_type.value: g.get_measurements(name=probability)[0].value
+            for g in image} == {"30807003": 0.25, "86049000": 0.75}
