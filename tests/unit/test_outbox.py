@@ -139,3 +139,18 @@ def test_a_compressed_object_is_refused_not_sent_in_another_syntax(tmp_path: Pat
         convert(ds, "1.2.840.10008.1.2", "x.dcm")
     assert caught.value.retryable is False
     assert convert(ds, "as-is", "x.dcm") is ds
+
+
+def test_a_database_from_before_the_outbox_gets_the_table(tmp_path: Path) -> None:
+    from sqlalchemy import create_engine, inspect
+
+    from node.db import make_engine
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE deliveries")
+    engine.dispose()
+    assert "deliveries" not in inspect(create_engine(url)).get_table_names()
+    again = make_engine(url)
+    assert "deliveries" in inspect(again).get_table_names()
