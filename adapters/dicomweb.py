@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from node.errors import DeliveryError
 from node.ports import SendReport
 from node.settings import DestinationSettings
+from node.transcode import convert
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ def _session(destination: DestinationSettings) -> requests.Session:
 
 
 class DicomwebSender:
-    """STOW-RS: one request per study in the batch."""
+    """STOW-RS: one request per study in the batch; each object in the destination's
+    ``transfer_syntax`` (or as stored)."""
 
     def _client(self, destination: DestinationSettings) -> DICOMwebClient:
         return DICOMwebClient(url=str(destination.url), session=_session(destination),
@@ -79,7 +81,7 @@ class DicomwebSender:
     def send(self, destination: DestinationSettings, paths: Sequence[Path]) -> SendReport:
         by_study: dict[str, list[Dataset]] = {}
         for path in paths:
-            ds = pydicom.dcmread(path)
+            ds = convert(pydicom.dcmread(path), destination.transfer_syntax, path.name)
             by_study.setdefault(str(ds.StudyInstanceUID), []).append(ds)
         client = self._client(destination)
         sent = 0

@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import socket
 import ssl
+import tempfile
 import threading
 import time
 import weakref
@@ -41,6 +42,7 @@ from node.metrics import Metrics
 from node.part10 import file_header
 from node.ports import SendReport
 from node.settings import AllowedCaller, DestinationSettings, NodeSettings, TlsSettings
+from node.transcode import convert_file
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +303,8 @@ class DimseReceiver:
 
 
 class DimseSender:
-    """C-STORE SCU: one association per batch, files sent as stored (no re-encoding)."""
+    """C-STORE SCU: one association per batch; files sent as stored, or converted to the
+    destination's ``transfer_syntax``, which is then the one proposed."""
 
     def __init__(self, *, ae_title: str = "PACSNODE") -> None:
         self.ae_title = ae_title
@@ -338,6 +341,14 @@ class DimseSender:
         return time.monotonic() - start
 
     def send(self, destination: DestinationSettings, paths: Sequence[Path]) -> SendReport:
+        """All of ``paths`` over one association, each in the destination's transfer
+        syntax (converted copies in a temporary folder) or as stored ("as-is")."""
+        with tempfile.TemporaryDirectory(prefix="pacsnode-send-") as folder:
+            converted = [convert_file(p, destination.transfer_syntax, Path(folder))
+                         for p in paths]
+            return self._send(destination, converted)
+
+    def _send(self, destination: DestinationSettings, paths: Sequence[Path]) -> SendReport:
         ae = self._ae(destination)
         contexts: dict[tuple[str, str], None] = {}
         metas: list[tuple[Path, str, str]] = []

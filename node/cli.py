@@ -260,9 +260,11 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     from node import queries
     from node.db import make_engine
     from node.jobs import JobStore
+    from node.outbox import Outbox
 
     settings = _settings(args)
-    store = JobStore(make_engine(settings.storage.database), settings.jobs)
+    engine = make_engine(settings.storage.database)
+    store = JobStore(engine, settings.jobs)
     if args.action == "list":
         jobs = [queries.job_dict(j) for j in store.list(state=args.state, limit=args.limit)]
         _emit(args, jobs, lambda: print(queries.format_jobs(jobs)))
@@ -278,6 +280,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print(f"jobs {args.action}: {exc}", file=sys.stderr)
         return EXIT_NOT_FOUND if "no job" in str(exc) else EXIT_FAILED
     data = queries.job_dict(job)
+    data["deliveries"] = [d.as_dict() for d in Outbox(engine, settings.jobs).list(job.id)]
     _emit(args, data, lambda: print(queries.format_job(data)))
     return EXIT_OK
 

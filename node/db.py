@@ -20,6 +20,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
     inspect,
@@ -119,6 +120,28 @@ class JobRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime)
 
 
+class DeliveryRow(Base):
+    """The outbox: one row per (job, destination), each with its own tries and backoff
+    (node/outbox.py). Added after ``jobs``; ``create_all`` adds the table to older
+    databases (an additive migration)."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("job_id", "destination",
+                                       name="uq_deliveries_job_destination"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime)
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -146,7 +169,8 @@ def make_engine(url: str) -> Engine:
 
 
 def _add_missing_columns(engine: Engine) -> None:
-    """Columns added after a table was first created (additive changes only)."""
+    """Columns added after a table was first created (additive changes only; a new
+    table, such as ``deliveries``, is created by ``create_all``)."""
     added = {("jobs", "queue"): "VARCHAR(32) NOT NULL DEFAULT 'default'"}
     inspector = inspect(engine)
     with engine.begin() as conn:

@@ -23,9 +23,11 @@ from sqlalchemy import Engine, or_, select, update
 from sqlalchemy.orm import Session
 
 from node.audit import NO_AUDIT, AuditLog
-from node.db import JobRow
+from node.backoff import after_failure
+from node.db import DeliveryRow, JobRow
 from node.errors import DeliveryError, JobError, PacsnodeError
 from node.intake import utcnow
+from node.outbox import DeliveryStateValues
 from node.settings import JobSettings
 
 log = logging.getLogger(__name__)
@@ -185,23 +187,30 @@ class JobStore:
         """Record a failure: retry later with capped exponential backoff, or give up."""
         with Session(self.engine) as session, session.begin():
             row = self._row(session, job_id)
-            cfg = self.settings
-            if not retryable:
-                state = JobStateValues.FAILED
-            elif row.attempts >= cfg.max_attempts:
-                state = JobStateValues.DEAD
-            else:
-                state = JobStateValues.PENDING
-                delay = min(cfg.retry_max_seconds,
-                            cfg.retry_base_seconds * 2 ** max(0, row.attempts - 1))
-                row.not_before = utcnow() + timedelta(seconds=delay)
+            outcome, when = after_failure(self.settings, row.attempts, retryable=retryable)
+            state = JobStateValues(outcome.value)
+            if when is not None:
+                row.not_before = when
             row.state = state.value
             row.last_error = error
             row.updated_at = utcnow()
         return state
 
+    def defer(self, job_id: int, not_before: datetime, error: str, *, step: str) -> None:
+        """Back to pending until ``not_before`` (a destination waits its backoff); not a
+        failure of the job itself."""
+        self._set(job_id, state=JobStateValues.PENDING.value, not_before=not_before,
+                  last_error=error, step=step)
+
+    def give_up(self, job_id: int, state: JobStateValues, error: str, *, step: str) -> None:
+        """End the job as failed or dead (its deliveries say which destination and why)."""
+        if state not in (JobStateValues.FAILED, JobStateValues.DEAD):
+            raise JobError(f"job {job_id}: give_up expects failed or dead, got {state.value}")
+        self._set(job_id, state=state.value, not_before=None, last_error=error, step=step)
+
     def retry(self, job_id: int) -> Job:
-        """Put a failed, dead or cancelled job back in the queue, with fresh tries."""
+        """Put a failed, dead or cancelled job back in the queue, with fresh tries; of its
+        deliveries only the failed and dead ones are tried again."""
         with Session(self.engine) as session, session.begin():
             row = self._row(session, job_id)
             if JobStateValues(row.state) not in FINAL - {JobStateValues.DONE}:
@@ -211,6 +220,13 @@ class JobStore:
             row.attempts = 0
             row.not_before = None
             row.updated_at = utcnow()
+            session.execute(
+                update(DeliveryRow)
+                .where(DeliveryRow.job_id == job_id,
+                       DeliveryRow.state.in_((DeliveryStateValues.FAILED.value,
+                                              DeliveryStateValues.DEAD.value)))
+                .values(state=DeliveryStateValues.PENDING.value, attempts=0,
+                        next_attempt_at=None, updated_at=utcnow()))
             session.flush()
             return Job.from_row(row)
 

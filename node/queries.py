@@ -116,4 +116,11 @@ def format_jobs(jobs: list[dict[str, Any]]) -> str:
 
 
 def format_job(job: dict[str, Any]) -> str:
-    return "\n".join(f"{k:>20}: {v}" for k, v in job.items())
+    head = "\n".join(f"{k:>20}: {v}" for k, v in job.items() if k != "deliveries")
+    deliveries = job.get("deliveries") or []
+    if not deliveries:
+        return head
+    return head + "\n\n" + _table(
+        ["DESTINATION", "STATE", "TRIES", "NEXT TRY", "SENT AT", "LAST ERROR"],
+        [[d["destination"], d["state"], str(d["attempts"]), d["next_attempt_at"] or "",
+          d["sent_at"] or "", (d["last_error"] or "")[:80]] for d in deliveries])

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from node.errors import ConfigError
+from node.transcode import AS_IS, check_transfer_syntax
 
 DEFAULT_CONFIG = Path("config/pacsnode.toml")
 CONFIG_ENV = "PACSNODE_CONFIG"
@@ -134,6 +135,8 @@ class DestinationSettings(_Section):
     cert_file: Path | None = None           # our client certificate (mutual TLS)
     key_file: Path | None = None
     timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    # "as-is", or a transfer syntax UID objects are converted to (node/transcode.py)
+    transfer_syntax: Annotated[str, AfterValidator(check_transfer_syntax)] = AS_IS
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> DestinationSettings:
@@ -159,6 +162,21 @@ class SourceSettings(_Section):
     token_file: Path | None = None
 
 
+class CodeSettings(_Section):
+    """A coded concept: (code value, coding scheme designator, code meaning)."""
+
+    value: Annotated[str, Field(min_length=1, max_length=64)]
+    scheme: Annotated[str, Field(min_length=1, max_length=16)]
+    meaning: Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class ClassSettings(_Section):
+    """One output class of a classification model, in the network's output order."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    finding: CodeSettings
+
+
 class ModelSettings(_Section):
     """A model the node can run. Unset inference settings come from the bundle's
     ``configs/metadata.json`` (its "pacsnode" section)."""
@@ -178,6 +196,8 @@ class ModelSettings(_Section):
     mixed_precision: bool = True
     max_concurrency: Annotated[int, Field(ge=1, le=16)] = 1
     seg_type: Literal["binary", "fractional"] = "binary"   # fractional: probabilities
+    classes: tuple[ClassSettings, ...] = ()     # a classifier's outputs (default: bundle's)
+    input_size: tuple[int, int, int] | None = None   # classifier input grid (resized to)
 
     @model_validator(mode="after")
     def _plugin_named(self) -> ModelSettings:
@@ -329,7 +349,7 @@ def _known_keys() -> list[str]:
     sections: list[type[BaseModel]] = [
         Settings, NodeSettings, StorageSettings, HttpSettings, AssemblySettings, JobSettings,
         AllowedCaller, DestinationSettings, SourceSettings, ModelSettings, RouteSettings,
-        TlsSettings,
+        TlsSettings, ClassSettings, CodeSettings,
     ]
     return sorted({key for model in sections for key in model.model_fields})
 

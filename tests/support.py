@@ -147,7 +147,12 @@ class Orthanc:
     PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
     def __init__(self, directory: Path, *, modalities: dict[str, list[Any]] | None = None,
-                 aet: str = "ORTHANC", users: dict[str, str] | None = None) -> None:
+                 aet: str = "ORTHANC", users: dict[str, str] | None = None,
+                 verbose: bool = False, options: dict[str, Any] | None = None) -> None:
+        """``verbose``: Orthanc logs every association and C-STORE (see
+        :meth:`associations`); ``options`` override keys of its configuration."""
+        self.verbose = verbose
+        self.options = options or {}
         self.users = users or {}
         self.directory = directory
         self.http_port = free_port()
@@ -175,11 +180,13 @@ class Orthanc:
             "Plugins": [self.PLUGIN] if Path(self.PLUGIN).exists() else [],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "HttpServerEnabled": True, "StableAge": 60,
+            **self.options,
         }
         path = self.directory / "orthanc.json"
         path.write_text(json.dumps(config))
         log = (self.directory / "orthanc.log").open("ab")
-        self.proc = subprocess.Popen(["Orthanc", str(path)], stdout=log,
+        self.proc = subprocess.Popen(["Orthanc", *(["--verbose"] if self.verbose else []),
+                                      str(path)], stdout=log,
                                      stderr=subprocess.STDOUT, env=TCP_ENV)
         wait_port(self.http_port, proc=self.proc, timeout=30)
         wait_port(self.dicom_port, proc=self.proc, timeout=30)
@@ -198,6 +205,19 @@ class Orthanc:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             raw = resp.read()
         return json.loads(raw) if raw else None
+
+    def log(self) -> str:
+        return (self.directory / "orthanc.log").read_text(errors="replace")
+
+    def associations(self, calling: str) -> int:
+        """Associations Orthanc accepted from ``calling`` (needs ``verbose``)."""
+        return sum(1 for line in self.log().splitlines()
+                   if "Association Acknowledged" in line and f"to AET {calling} " in line)
+
+    def store_requests(self, calling: str) -> int:
+        """C-STORE requests Orthanc received from ``calling`` (needs ``verbose``)."""
+        return sum(1 for line in self.log().splitlines()
+                   if f"Incoming Store request from AET {calling} " in line)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -41,6 +41,16 @@ class LabelSpec:
 
 
 @dataclass(frozen=True)
+class ClassSpec:
+    """One output of a classifier (index = position in the network's output) and the
+    coded finding the SR reports for it."""
+
+    index: int
+    name: str
+    finding: tuple[str, str, str]      # (code value, scheme, meaning)
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     version: str
@@ -55,11 +65,13 @@ class ModelInfo:
     overlap: float
     labels: tuple[LabelSpec, ...]
     blend_mode: str = "constant"
+    classes: tuple[ClassSpec, ...] = ()        # a classifier's outputs; () if none
+    input_size: tuple[int, int, int] | None = None   # classifier input grid
 
 
 @dataclass(frozen=True, eq=False)
 class Prediction:
-    labels: np.ndarray                  # uint8, the source volume's shape (slices, rows, cols)
+    labels: np.ndarray | None           # uint8, the source volume's shape; None: classifier
     model: str
     version: str
     weights_sha256: str
@@ -67,6 +79,7 @@ class Prediction:
     seconds: float
     sw_batch_size: int
     probabilities: np.ndarray | None = None   # float16 (label 1..N, slices, rows, cols)
+    class_probabilities: tuple[float, ...] | None = None   # one per ModelInfo.classes
 
 
 class Runner(Protocol):
@@ -145,6 +158,8 @@ def read_info(settings: ModelSettings) -> ModelInfo:
                          f"never downloads weights, put the file there")
     extra = meta.get("pacsnode", {})
     labels = _labels(extra, meta_path)
+    classes = _classes(settings, extra, meta_path)
+    raw_input = settings.input_size or extra.get("input_size")
     window = settings.window or _pair(extra.get("window", extra.get("window_hu")))
     spacing = settings.target_spacing or _triple(
         extra.get("target_spacing", extra.get("target_spacing_mm")))
@@ -158,7 +173,31 @@ def read_info(settings: ModelSettings) -> ModelInfo:
         else float(extra.get("overlap", 0.25)),
         labels=tuple(labels),
         blend_mode=str(extra.get("blend_mode", "constant")),
+        classes=tuple(classes),
+        input_size=(int(raw_input[0]), int(raw_input[1]), int(raw_input[2]))
+        if raw_input else None,
     )
+
+
+def _classes(settings: ModelSettings, extra: dict[str, Any], meta_path: Path,
+             ) -> list[ClassSpec]:
+    """A classifier's outputs: the model settings' ``classes``, else the "pacsnode"
+    section's "classes" list [{name, finding: {value, scheme, meaning}}], in output order."""
+    if settings.classes:
+        return [ClassSpec(i, c.name, (c.finding.value, c.finding.scheme, c.finding.meaning))
+                for i, c in enumerate(settings.classes)]
+    raw = extra.get("classes", [])
+    if not isinstance(raw, list):
+        raise ModelError(f"{meta_path}: pacsnode.classes: expected a list of {{name, finding}} "
+                         f"in the network's output order, got {raw!r}")
+    out = []
+    for i, entry in enumerate(raw):
+        where = f"{meta_path}: pacsnode.classes[{i}]"
+        if not isinstance(entry, dict) or not entry.get("name"):
+            raise ModelError(f"{where}: expected {{name, finding}}, got {entry!r}")
+        out.append(ClassSpec(i, str(entry["name"]), _code(entry.get("finding"),
+                                                          where + ".finding")))
+    return out
 
 
 def _pair(value: Any) -> tuple[float, float] | None:
@@ -202,6 +241,10 @@ class TorchRunner:
     def __init__(self, settings: ModelSettings) -> None:
         self.settings = settings
         self.info = read_info(settings)
+        if self.info.classes and self.info.labels:
+            raise ModelError(f"model {settings.name}: declares both labels and classes; a "
+                             f"TorchScript or bundle network gives one output, so a model "
+                             f"that segments and classifies needs a plugin runner")
         self.device = pick_device(settings.device)
         self._network: torch.nn.Module | None = None
         self._lock = threading.Lock()
@@ -249,6 +292,11 @@ class TorchRunner:
     def predict(self, volume: Volume) -> Prediction:
         self.load()
         start = time.monotonic()
+        if self.info.classes:
+            classes = self._classify(volume)
+            return Prediction(None, self.info.name, self.info.version,
+                              self.info.weights_sha256, self.device,
+                              time.monotonic() - start, 1, class_probabilities=classes)
         batch = self.settings.sw_batch_size
         device = self.device
         while True:
@@ -271,17 +319,39 @@ class TorchRunner:
         return Prediction(labels, self.info.name, self.info.version, self.info.weights_sha256,
                           device, time.monotonic() - start, batch, probabilities)
 
+    def _prepare(self, volume: Volume) -> torch.Tensor:
+        image = torch.from_numpy(np.array(volume.array, dtype=np.float32))  # a writable copy
+        if self.info.window is not None:
+            lo, hi = self.info.window
+            image = (image.clamp(lo, hi) - lo) / (hi - lo)
+        return image[None, None]
+
+    def _classify(self, volume: Volume) -> tuple[float, ...]:
+        """The whole volume (resized to ``input_size`` when declared) through the network;
+        its output, shape (1, classes), is read as logits."""
+        network = self._network
+        assert network is not None
+        image = self._prepare(volume)
+        if self.info.input_size is not None:
+            image = F.interpolate(image, size=list(self.info.input_size), mode="trilinear",
+                                  align_corners=False)
+        with torch.inference_mode():
+            logits = network(image.to(self.device))
+        wanted = (1, len(self.info.classes))
+        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != wanted:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
+            raise ModelError(f"model {self.info.name}: a classifier must return logits of "
+                             f"shape {wanted} (one per declared class), got {shape}")
+        probabilities = torch.softmax(logits.float(), dim=1)[0].to("cpu")
+        return tuple(float(p) for p in probabilities)
+
     def _infer(self, volume: Volume, device: str,
                sw_batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
         network = self._network
         assert network is not None
         if device != self.device:
             network = network.to(device)
-        image = torch.from_numpy(np.array(volume.array, dtype=np.float32))  # a writable copy
-        if self.info.window is not None:
-            lo, hi = self.info.window
-            image = (image.clamp(lo, hi) - lo) / (hi - lo)
-        image = image[None, None]
+        image = self._prepare(volume)
         source_shape = tuple(image.shape[2:])
         if self.info.target_spacing is not None:
             size = [max(1, round(n * s / t)) for n, s, t in

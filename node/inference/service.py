@@ -61,9 +61,11 @@ def save_prediction(directory: Path, prediction: Prediction, volume: Volume) -> 
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{volume.series_instance_uid}.npz"
     temp = directory / f".{final.name}.part"
+    arrays: dict[str, Any] = {"labels": prediction.labels} if prediction.labels is not None \
+        else {"class_probabilities": np.asarray(prediction.class_probabilities or ())}
     with temp.open("wb") as fh:
         np.savez_compressed(
-            fh, labels=prediction.labels, affine=volume.affine,
+            fh, **arrays, affine=volume.affine,
             spacing=np.asarray(volume.spacing),
             sop_instance_uids=np.asarray(volume.sop_instance_uids),
             frame_numbers=np.asarray(volume.frame_numbers),
@@ -75,6 +77,8 @@ def save_prediction(directory: Path, prediction: Prediction, volume: Volume) -> 
         os.fsync(fh.fileno())
     os.replace(temp, final)
     voxel_mm3 = float(np.prod(volume.spacing))
+    if prediction.labels is None:
+        return SavedPrediction(final, {}, {})
     values, counts = np.unique(prediction.labels, return_counts=True)
     voxels = {int(v): int(c) for v, c in zip(values, counts, strict=True) if v != 0}
     return SavedPrediction(final, voxels, {v: c * voxel_mm3 for v, c in voxels.items()})
@@ -94,7 +98,8 @@ def write_dicom(path: Path, ds: Dataset) -> Path:
 def encode_results(job: Job, prediction: Prediction, volume: Volume, files: Sequence[Path],
                    info: ModelInfo, out_dir: Path, *,
                    predecessor: Dataset | None = None) -> list[Path]:
-    """SEG (when anything was found) and TID 1500 SR, with UIDs derived from the job key
+    """SEG (when the model segments and found something) and TID 1500 SR (measurements
+    and/or class probabilities), with UIDs derived from the job key
     and the model version, so a re-encode after a crash produces the same objects. A
     follow-up (late images) names the earlier SR as its predecessor, superseding it."""
     source = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
@@ -102,9 +107,14 @@ def encode_results(job: Job, prediction: Prediction, volume: Volume, files: Sequ
         "model": prediction.model, "version": prediction.version,
         "weights_sha256": prediction.weights_sha256, "job_key": job.key,
         "sop_instance_uids": volume.sop_instance_uids, "content_datetime": job.created_at}
-    seg = build_seg(source, prediction.labels, info.labels,
-                    probabilities=prediction.probabilities, **common)
+    seg = None
+    if info.labels:
+        if prediction.labels is None:
+            raise ModelError(f"model {info.name}: declares labels but returned no label map")
+        seg = build_seg(source, prediction.labels, info.labels,
+                        probabilities=prediction.probabilities, **common)
     sr = build_sr(seg, source, prediction.labels, volume.array, volume.spacing, info.labels,
+                  classes=info.classes, class_probabilities=prediction.class_probabilities,
                   predecessor=predecessor, **common)
     written = []
     if seg is not None:
@@ -153,13 +163,20 @@ def _predict_and_encode(engine: Any, settings: Settings, pool: ModelPool, job: J
     log.info("job %d: %s %s on %s in %.2f s: %s", job.id, prediction.model,
              prediction.version, prediction.device, prediction.seconds,
              ", ".join(f"label {k}: {v:.0f} mm3" for k, v in saved.volume_mm3.items())
-             or "nothing found")
+             or _classes_text(prediction) or "nothing found")
     by_uid = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f
               for f in files}
     ordered = [by_uid[uid] for uid in dict.fromkeys(volume.sop_instance_uids)]
     encode_results(job, prediction, volume, ordered, pool.runner(model).info, out_dir,
                    predecessor=_previous_sr(engine, settings, job))
     return saved
+
+
+def _classes_text(prediction: Prediction) -> str:
+    if not prediction.class_probabilities:
+        return ""
+    return "class probabilities " + ", ".join(f"{p:.3f}"
+                                              for p in prediction.class_probabilities)
 
 
 def _previous_sr(engine: Any, settings: Settings, job: Job) -> Dataset | None:

@@ -11,6 +11,10 @@ one measurement group, in increasing label value:
 - a label without voxels: a generic group (TID 1501) with volume 0 and 0 lesions, so an
   empty prediction still gives a valid report saying that nothing was found.
 
+A classification model adds one TID 1501 group per declared class after those (coded
+finding, probability, presence; see ``classify.py``); a classification-only model has no
+label specs, no SEG, and an SR of those groups alone.
+
 The series description carries the disclaimer; a ``predecessor`` (an earlier SR of the
 same job) is referenced in PredecessorDocumentsSequence (PS3.3 C.17.2.3).
 """
@@ -31,6 +35,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from node.errors import ResultError
+from node.results.classify import ClassLike, classification_groups
 from node.results.seg import (
     LabelLike,
     check_text,
@@ -125,13 +130,11 @@ _Group = (hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
 def _groups(seg: hd.seg.Segmentation | None, specs: Sequence[LabelLike],
             voxels: dict[int, int], labels: npt.NDArray[np.integer],
             volume_array: npt.NDArray[np.floating], voxel_mm3: float, source_series: str, *,
-            modality: str, model: str, version: str, weights_sha256: str,
-            job_key: str) -> list[_Group]:
+            modality: str, model: str, version: str,
+            algorithm: hd.sr.AlgorithmIdentification, job_key: str) -> list[_Group]:
     """One measurement group per label spec: TID 1411 referencing the segment when the
     label has voxels, else TID 1501 with volume 0."""
     numbers = segment_numbers(seg)
-    algorithm = hd.sr.AlgorithmIdentification(name=model, version=version,
-                                              parameters=[f"weights_sha256={weights_sha256}"])
     groups: list[_Group] = []
     for spec in specs:
         value = int(spec.value)
@@ -169,6 +172,16 @@ def _check_inputs(labels: npt.NDArray[np.generic], volume_array: npt.NDArray[np.
     return float(np.prod(spacing))
 
 
+def _slice_shape(source: Sequence[Dataset]) -> npt.NDArray[np.uint8]:
+    """A read-only stand-in for labels (one zero slice per source image) that lets a
+    classification-only report check and order its source like a segmentation does."""
+    first = source[0] if source else None
+    if first is None:
+        raise ResultError("source: expected the source images, got none")
+    shape = (len(source), int(first.get("Rows", 1)), int(first.get("Columns", 1)))
+    return np.broadcast_to(np.zeros((), dtype=np.uint8), shape)
+
+
 def _check_seg(seg: hd.seg.Segmentation | None, series_uid: str, needed: bool) -> None:
     if seg is None:
         if needed:
@@ -196,9 +209,12 @@ def _check_predecessor(predecessor: Dataset, sr_instance: str, study_uid: str) -
 
 
 def build_sr(seg: hd.seg.Segmentation | None, source: Sequence[Dataset],
-             labels: npt.NDArray[np.integer], volume_array: npt.NDArray[np.floating],
-             spacing: tuple[float, float, float], label_specs: Sequence[LabelLike], *,
+             labels: npt.NDArray[np.integer] | None,
+             volume_array: npt.NDArray[np.floating] | None,
+             spacing: tuple[float, float, float] | None, label_specs: Sequence[LabelLike], *,
              model: str, version: str, weights_sha256: str, job_key: str,
+             classes: Sequence[ClassLike] = (),
+             class_probabilities: Sequence[float] | None = None,
              series_number: int = 902, series_description: str = "pacsnode AI report",
              disclaimer: str = "AI result, not a diagnosis", manufacturer: str = "pacsnode",
              predecessor: Dataset | None = None, sop_instance_uids: Sequence[str] | None = None,
@@ -210,22 +226,39 @@ def build_sr(seg: hd.seg.Segmentation | None, source: Sequence[Dataset],
     column, mm). ``seg`` is what :func:`~node.results.seg.build_seg` returned for the same
     arguments (None for an empty prediction).
     """
-    datasets = order_source(source, labels, sop_instance_uids)
-    voxel_mm3 = _check_inputs(labels, volume_array, spacing)
-    specs, voxels = present_specs(labels, label_specs)
+    segmenting = bool(label_specs)
+    if not segmenting and not classes:
+        raise ResultError("label_specs and classes: expected labels to measure, classes to "
+                          "report, or both; got neither")
+    if segmenting and (labels is None or volume_array is None or spacing is None):
+        raise ResultError("labels, volume_array and spacing: required when label_specs "
+                          "are given (a segmentation model)")
+    datasets = order_source(source, labels if labels is not None and segmenting
+                            else _slice_shape(source), sop_instance_uids)
     for name, text in (("model", model), ("version", version),
                        ("weights_sha256", weights_sha256), ("manufacturer", manufacturer)):
         check_text(name, text)
     description = check_text("series_description with disclaimer",
                              f"{series_description} ({disclaimer})")
     source_series = str(datasets[0].SeriesInstanceUID)
-    _check_seg(seg, source_series, any(voxels.values()))
     uids = ResultUids.for_job(job_key, model, version)
     if predecessor is not None:
         _check_predecessor(predecessor, uids.sr_instance, str(datasets[0].StudyInstanceUID))
-    groups = _groups(seg, specs, voxels, labels, volume_array, voxel_mm3, source_series,
-                     modality=str(datasets[0].get("Modality", "")), model=model,
-                     version=version, weights_sha256=weights_sha256, job_key=job_key)
+    algorithm = hd.sr.AlgorithmIdentification(name=model, version=version,
+                                              parameters=[f"weights_sha256={weights_sha256}"])
+    groups: list[_Group] = []
+    if segmenting:
+        assert labels is not None and volume_array is not None and spacing is not None
+        voxel_mm3 = _check_inputs(labels, volume_array, spacing)
+        specs, voxels = present_specs(labels, label_specs)
+        _check_seg(seg, source_series, any(voxels.values()))
+        groups += _groups(seg, specs, voxels, labels, volume_array, voxel_mm3, source_series,
+                          modality=str(datasets[0].get("Modality", "")), model=model,
+                          version=version, algorithm=algorithm, job_key=job_key)
+    elif seg is not None:
+        raise ResultError("seg: given, but the model declares no labels (classification only)")
+    groups += classification_groups(classes, class_probabilities, algorithm=algorithm,
+                                    job_key=job_key, model=model, version=version)
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(

@@ -78,7 +78,7 @@ def _check_objects(seg_path: Path, sr_path: Path, study: synth.SyntheticStudy,
 
 def test_seg_and_sr_reach_orthanc_by_c_store_exactly_once(
         dcmtk: None, node_factory: Any, orthanc_factory: Any, tmp_path: Path) -> None:
-    orthanc = orthanc_factory().start()
+    orthanc = orthanc_factory(verbose=True).start()
     destination = {"name": "pacs", "kind": "dimse", "ae_title": orthanc.aet,
                    "host": "127.0.0.1", "port": orthanc.dicom_port}
     node = _node(node_factory, orthanc, destination)
@@ -96,6 +96,8 @@ def test_seg_and_sr_reach_orthanc_by_c_store_exactly_once(
     modalities = sorted(orthanc.request("GET", f"/instances/{i['ID']}/simplified-tags")
                         ["Modality"] for i in found)
     assert modalities == ["SEG", "SR"]               # exactly one copy of each
+    assert orthanc.associations("PACSNODE") == 1     # SEG and SR in one association
+    assert orthanc.store_requests("PACSNODE") == 2
     results = node.config.parent / "results" / f"job-{job['id']}"
     _check_objects(results / "seg.dcm", results / "sr.dcm", study, files)
 
