@@ -31,6 +31,7 @@ from node.routing import RoutePlanner
 from node.errors import ConfigError
 from node.settings import Settings, load_settings
 from node.spool import Spool
+from node.stow import StowReceiver
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,17 @@ def admin_token(settings: Settings) -> str:
             fh.write(secrets.token_urlsafe(32) + "\n")
         log.info("generated an admin API token in %s", path)
     return path.read_text().strip()
+
+
+def stow_token(settings: Settings) -> str | None:
+    """The STOW-RS-only token from http.stow_token_file, if one is configured."""
+    path = settings.http.stow_token_file
+    if path is None:
+        return None
+    try:
+        return path.read_text().strip() or None
+    except OSError as exc:
+        raise ConfigError(f"http.stow_token_file {path}: cannot read ({exc.strerror})") from exc
 
 
 def pid_file(settings: Settings) -> Path:
@@ -87,6 +99,10 @@ class Node:
         self.metrics = Metrics()
         self.receiver = DimseReceiver(settings.node, self.intake, on_released=self._released.put,
                                       metrics=self.metrics)
+        # STOW-RS: the end of a request counts as an association release (fast path)
+        self.stow = StowReceiver(self.intake, ae_title=settings.node.ae_title,
+                                 on_released=self._released.put, metrics=self.metrics) \
+            if settings.http.stow else None
         self.admin: AdminServer | None = None
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -106,7 +122,8 @@ class Node:
         self.admin = AdminServer(
             self.settings.http.host, self.settings.http.port, token=admin_token(self.settings),
             ready=self.readiness, jobs=self.jobs,
-            metrics=lambda: exposition(self.metrics, self.engine, self.spool.root))
+            metrics=lambda: exposition(self.metrics, self.engine, self.spool.root),
+            stow=self.stow, stow_token=stow_token(self.settings))
         self.admin.start()
         pid_file(self.settings).write_text(f"{os.getpid()}\n")
         if self.spawn_worker and self.settings.models:

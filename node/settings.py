@@ -99,6 +99,8 @@ class HttpSettings(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
     token_file: Path | None = None
+    stow: bool = True                       # STOW-RS receive at /dicom-web/studies
+    stow_token_file: Path | None = None     # a token for STOW-RS only (the admin token works too)
 
 
 class AssemblySettings(_Section):
@@ -117,6 +119,14 @@ class JobSettings(_Section):
     retry_base_seconds: Annotated[float, Field(gt=0)] = 5.0
     retry_max_seconds: Annotated[float, Field(gt=0)] = 600.0
     workers: Annotated[int, Field(ge=1, le=64)] = 2
+
+
+def _check_http_auth(username: str | None, password_file: Path | None,
+                     token_file: Path | None) -> None:
+    if (username is None) != (password_file is None):
+        raise ValueError("username and password_file together (HTTP basic auth)")
+    if username is not None and token_file is not None:
+        raise ValueError("either token_file or username/password_file, not both")
 
 
 class DestinationSettings(_Section):
@@ -143,20 +153,60 @@ class DestinationSettings(_Section):
                 raise ValueError(f"the keys {', '.join(missing)} for kind = \"dimse\"")
         elif self.url is None:
             raise ValueError("the key url for kind = \"dicomweb\"")
-        if (self.username is None) != (self.password_file is None):
-            raise ValueError("username and password_file together (HTTP basic auth)")
-        if self.username is not None and self.token_file is not None:
-            raise ValueError("either token_file or username/password_file, not both")
+        _check_http_auth(self.username, self.password_file, self.token_file)
         return self
 
 
 class SourceSettings(_Section):
+    """An archive the node pulls from (QIDO-RS + WADO-RS; see node/pull.py)."""
+
     name: Name
     kind: Literal["dicomweb"]
     url: str
     interval_seconds: Annotated[float, Field(gt=0)] = 60.0
-    filters: dict[str, str] = Field(default_factory=dict)
-    token_file: Path | None = None
+    lookback_hours: Annotated[float, Field(ge=0)] = 24.0   # StudyDate window; 0 = no window
+    filters: dict[str, str] = Field(default_factory=dict)  # QIDO-RS query keys
+    token_file: Path | None = None          # bearer token
+    username: str | None = None             # HTTP basic auth, with password_file
+    password_file: Path | None = None
+    ca_file: Path | None = None             # CA for https
+    timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+    @model_validator(mode="after")
+    def _auth(self) -> SourceSettings:
+        _check_http_auth(self.username, self.password_file, self.token_file)
+        return self
+
+
+class ScheduleSettings(_Section):
+    """Periodic work (node/schedule.py); the job store lives in the node's database."""
+
+    misfire_grace_seconds: Annotated[float, Field(ge=1)] = 300.0
+    retry_sweep_seconds: Annotated[float, Field(gt=0)] = 30.0
+    stale_check_seconds: Annotated[float, Field(gt=0)] = 60.0
+    stale_after_seconds: Annotated[float, Field(gt=0)] = 600.0   # running job, no heartbeat
+    finetune_cron: str = ""                 # crontab line, e.g. "0 2 * * *"; "" = disabled
+
+    @model_validator(mode="after")
+    def _cron_shape(self) -> ScheduleSettings:
+        if self.finetune_cron and len(self.finetune_cron.split()) != 5:
+            raise ValueError('a crontab line of 5 fields such as "0 2 * * *", or "" (disabled)')
+        return self
+
+
+class RetentionSettings(_Section):
+    """Spool housekeeping (node/retention.py). Data a live job needs is never removed."""
+
+    check_interval_minutes: Annotated[float, Field(gt=0)] = 60.0
+    max_age_days: Annotated[float, Field(ge=0)] = 0.0          # 0 = keep for ever
+    high_water_percent: Annotated[float, Field(ge=0, le=100)] = 0.0   # 0 = off
+    low_water_percent: Annotated[float, Field(ge=0, le=100)] = 0.0    # 0 = high water - 5
+
+    @model_validator(mode="after")
+    def _order(self) -> RetentionSettings:
+        if self.low_water_percent and self.low_water_percent >= self.high_water_percent:
+            raise ValueError("low_water_percent below high_water_percent")
+        return self
 
 
 class ModelSettings(_Section):
@@ -234,6 +284,8 @@ class Settings(_Section):
     http: HttpSettings = HttpSettings()
     assembly: AssemblySettings = AssemblySettings()
     jobs: JobSettings = JobSettings()
+    schedule: ScheduleSettings = ScheduleSettings()
+    retention: RetentionSettings = RetentionSettings()
     destinations: tuple[DestinationSettings, ...] = ()
     sources: tuple[SourceSettings, ...] = ()
     models: tuple[ModelSettings, ...] = ()
@@ -329,7 +381,7 @@ def _known_keys() -> list[str]:
     sections: list[type[BaseModel]] = [
         Settings, NodeSettings, StorageSettings, HttpSettings, AssemblySettings, JobSettings,
         AllowedCaller, DestinationSettings, SourceSettings, ModelSettings, RouteSettings,
-        TlsSettings,
+        TlsSettings, ScheduleSettings, RetentionSettings,
     ]
     return sorted({key for model in sections for key in model.model_fields})
 
@@ -350,7 +402,7 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
             rel = db.removeprefix("sqlite:///")
             if rel and rel != ":memory:":
                 storage["database"] = "sqlite:///" + str((base / rel).resolve())
-    for section, keys in (("http", ("token_file",)),):
+    for section, keys in (("http", ("token_file", "stow_token_file")),):
         table = raw.get(section)
         if isinstance(table, dict):
             for key in keys:
