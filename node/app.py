@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from types import FrameType
 
 from sqlalchemy import Engine
@@ -30,6 +31,8 @@ from node.jobs import JobRunner, JobStore
 from node.routing import RoutePlanner
 from node.errors import ConfigError
 from node.settings import Settings, load_settings
+from node.retention import Retention
+from node.schedule import Scheduler, Task, cron, every
 from node.spool import Spool
 from node.stow import StowReceiver
 
@@ -103,6 +106,10 @@ class Node:
         self.stow = StowReceiver(self.intake, ae_title=settings.node.ae_title,
                                  on_released=self._released.put, metrics=self.metrics) \
             if settings.http.stow else None
+        self.retention = Retention(self.engine, self.spool, settings.retention, lock=lock)
+        self.scheduler = Scheduler(self.engine, settings.schedule)
+        # the fine-tuning work plugs its nightly entry point in here
+        self.finetune: Callable[[], object] | None = None
         self.admin: AdminServer | None = None
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -126,9 +133,34 @@ class Node:
             stow=self.stow, stow_token=stow_token(self.settings))
         self.admin.start()
         pid_file(self.settings).write_text(f"{os.getpid()}\n")
+        self.scheduler.start(self.scheduled_tasks())
         if self.spawn_worker and self.settings.models:
             self.worker = WorkerSupervisor(self.settings)
             self.worker.start()
+
+    def scheduled_tasks(self) -> list[Task]:
+        """The periodic work of this node (see node/schedule.py)."""
+        s = self.settings.schedule
+        tasks = [
+            Task("retry-sweep", self.runner.wake, every(s.retry_sweep_seconds)),
+            Task("stale-jobs", self._requeue_stale, every(s.stale_check_seconds)),
+        ]
+        if self.retention.enabled:
+            tasks.append(Task("retention", self.retention.run,
+                              every(self.settings.retention.check_interval_minutes * 60)))
+        if s.finetune_cron:
+            tasks.append(Task("finetune-nightly", self._finetune_nightly, cron(s.finetune_cron)))
+        return tasks
+
+    def _requeue_stale(self) -> None:
+        if self.jobs.requeue_stale(self.settings.schedule.stale_after_seconds):
+            self.runner.wake()
+
+    def _finetune_nightly(self) -> None:
+        if self.finetune is None:
+            log.info("finetune_nightly: no finetune configured")
+            return
+        self.finetune()
 
     def reload(self) -> bool:
         """Load the configuration file again and swap routes and destinations.
@@ -142,7 +174,7 @@ class Node:
         except ConfigError as exc:
             log.error("reload refused, the current routes stay in force: %s", exc)
             return False
-        for section in ("node", "storage", "http", "assembly", "jobs"):
+        for section in ("node", "storage", "http", "assembly", "jobs", "schedule", "retention"):
             if getattr(new, section) != getattr(self.settings, section):
                 log.warning("reload: [%s] changed; it takes effect at the next restart", section)
         self.planner.replace_routes(new.routes, new.models)
@@ -189,6 +221,7 @@ class Node:
 
     def stop(self) -> None:
         log.info("stopping: no new associations")
+        self.scheduler.stop()
         self.receiver.stop()
         if self.admin is not None:
             self.admin.stop()

@@ -184,7 +184,7 @@ class ScheduleSettings(_Section):
     misfire_grace_seconds: Annotated[float, Field(ge=1)] = 300.0
     retry_sweep_seconds: Annotated[float, Field(gt=0)] = 30.0
     stale_check_seconds: Annotated[float, Field(gt=0)] = 60.0
-    stale_after_seconds: Annotated[float, Field(gt=0)] = 600.0   # running job, no heartbeat
+    stale_after_seconds: Annotated[float, Field(ge=60)] = 600.0   # >= 2 x the 30 s heartbeat
     finetune_cron: str = ""                 # crontab line, e.g. "0 2 * * *"; "" = disabled
 
     @model_validator(mode="after")
