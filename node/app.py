@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -17,6 +18,7 @@ from types import FrameType
 
 from sqlalchemy import Engine
 
+from adapters.dicomweb import DicomwebSource
 from adapters.dimse import DimseReceiver
 from adapters.http import AdminServer
 from adapters.senders import AnySender
@@ -31,6 +33,7 @@ from node.jobs import JobRunner, JobStore
 from node.routing import RoutePlanner
 from node.errors import ConfigError
 from node.settings import Settings, load_settings
+from node.pull import Puller
 from node.retention import Retention
 from node.schedule import Scheduler, Task, cron, every
 from node.spool import Spool
@@ -106,6 +109,9 @@ class Node:
         self.stow = StowReceiver(self.intake, ae_title=settings.node.ae_title,
                                  on_released=self._released.put, metrics=self.metrics) \
             if settings.http.stow else None
+        self.puller = Puller(self.intake, self.engine, DicomwebSource(),
+                             on_released=self._released.put, metrics=self.metrics,
+                             ae_title=settings.node.ae_title)
         self.retention = Retention(self.engine, self.spool, settings.retention, lock=lock)
         self.scheduler = Scheduler(self.engine, settings.schedule)
         # the fine-tuning work plugs its nightly entry point in here
@@ -145,12 +151,22 @@ class Node:
             Task("retry-sweep", self.runner.wake, every(s.retry_sweep_seconds)),
             Task("stale-jobs", self._requeue_stale, every(s.stale_check_seconds)),
         ]
+        tasks += [Task(f"poll:{source.name}", functools.partial(self._poll, source.name),
+                       every(source.interval_seconds)) for source in self.settings.sources]
         if self.retention.enabled:
             tasks.append(Task("retention", self.retention.run,
                               every(self.settings.retention.check_interval_minutes * 60)))
         if s.finetune_cron:
             tasks.append(Task("finetune-nightly", self._finetune_nightly, cron(s.finetune_cron)))
         return tasks
+
+    def _poll(self, name: str) -> None:
+        """Poll a source by name, with the settings in force now (reload may change them)."""
+        source = next((s for s in self.settings.sources if s.name == name), None)
+        if source is None:
+            log.info("poll:%s: the source is no longer configured; restart to unschedule", name)
+            return
+        self.puller.poll(source)
 
     def _requeue_stale(self) -> None:
         if self.jobs.requeue_stale(self.settings.schedule.stale_after_seconds):

@@ -73,6 +73,9 @@ def cron(line: str, key: str = "schedule.finetune_cron") -> CronTrigger:
 class Scheduler:
     def __init__(self, engine: Engine, settings: ScheduleSettings, *, threads: int = 4) -> None:
         self.settings = settings
+        # one line per run at INFO would flood the log with short polling intervals;
+        # failures still reach it (run_task logs them, and so does APScheduler at WARNING)
+        logging.getLogger("apscheduler.executors.default").setLevel(logging.WARNING)
         self._scheduler = BackgroundScheduler(
             jobstores={"default": SQLAlchemyJobStore(engine=engine, tablename=TABLE)},
             executors={"default": ThreadPoolExecutor(threads)},
