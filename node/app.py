@@ -164,7 +164,7 @@ class Node:
         """Poll a source by name, with the settings in force now (reload may change them)."""
         source = next((s for s in self.settings.sources if s.name == name), None)
         if source is None:
-            log.info("poll:%s: the source is no longer configured; restart to unschedule", name)
+            log.info("poll:%s: the source is no longer configured", name)
             return
         self.puller.poll(source)
 
@@ -200,6 +200,8 @@ class Node:
             "sources": new.sources})
         log.info("reloaded %s: %d route(s), %d destination(s)", source, len(new.routes),
                  len(new.destinations))
+        if self.scheduler.running:
+            self.scheduler.update(self.scheduled_tasks())     # sources added or removed
         if models_changed and self.spawn_worker:
             log.info("models changed: restarting the worker process")
             if self.worker is not None:

@@ -97,9 +97,9 @@ class Puller:
     def _new_or_grown(self, source: SourceSettings,
                       offered: list[RemoteSeries]) -> list[RemoteSeries]:
         with Session(self.engine) as session:
-            known = dict(session.execute(
+            known = {str(uid): int(count) for uid, count in session.execute(
                 select(PulledSeriesRow.series_instance_uid, PulledSeriesRow.instances)
-                .where(PulledSeriesRow.source == source.name)).tuples().all())
+                .where(PulledSeriesRow.source == source.name))}
         return [r for r in offered if r.series_instance_uid not in known
                 or (r.instances is not None and r.instances > known[r.series_instance_uid])]
 

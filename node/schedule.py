@@ -85,19 +85,27 @@ class Scheduler:
         self._ids: set[str] = set()
 
     def start(self, tasks: Sequence[Task]) -> None:
-        """Register ``tasks``, reconcile them with the stored jobs, then run.
+        """Reconcile ``tasks`` with the stored jobs (see :meth:`update`), then run."""
+        self._scheduler.start(paused=True)
+        self.update(tasks)
+        self._scheduler.resume()
+
+    def update(self, tasks: Sequence[Task]) -> None:
+        """Register ``tasks`` and make the stored jobs match them.
 
         A stored job whose trigger is unchanged keeps its next run time (so a run missed
         during downtime is made up); a changed one is replaced; one no longer configured
         is removed.
         """
+        ids = {t.id for t in tasks}
         with _TASKS_LOCK:
+            for gone in self._ids - ids:
+                _TASKS.pop(gone, None)
             for task in tasks:
                 _TASKS[task.id] = task.func
-        self._ids = {t.id for t in tasks}
-        self._scheduler.start(paused=True)
+        self._ids = ids
         for job in self._scheduler.get_jobs():
-            if job.id not in self._ids:
+            if job.id not in ids:
                 log.info("scheduled task %s is no longer configured; removed", job.id)
                 job.remove()
         grace = int(self.settings.misfire_grace_seconds)
@@ -110,9 +118,13 @@ class Scheduler:
                 continue
             self._scheduler.add_job(run_task, task.trigger, args=[task.id], id=task.id,
                                     name=task.id, replace_existing=True)
-        self._scheduler.resume()
         for job in self._scheduler.get_jobs():
-            log.info("scheduled %s: %s, next run %s", job.id, job.trigger, job.next_run_time)
+            log.info("scheduled %s: %s, next run %s", job.id, job.trigger,
+                     getattr(job, "next_run_time", None))
+
+    @property
+    def running(self) -> bool:
+        return bool(self._scheduler.running)
 
     def job_ids(self) -> list[str]:
         return sorted(job.id for job in self._scheduler.get_jobs())
