@@ -12,7 +12,7 @@ import functools
 import io
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -130,6 +130,7 @@ _ANY_TRANSFER_SYNTAX = (("application/dicom", "*"),)     # as stored, no transco
 _STUDY = "0020000D"
 _SERIES = "0020000E"
 _COUNT = "00201209"             # NumberOfSeriesRelatedInstances
+_STUDY_DATE = "00080020"
 
 
 class DicomwebSource:
@@ -145,8 +146,9 @@ class DicomwebSource:
                               headers=_headers(source, SourceError),
                               timeout=source.timeout_seconds)
 
-    def find_series(self, source: SourceSettings, *, since: date | None) -> list[RemoteSeries]:
-        filters: dict[str, Any] = dict(source.filters)
+    def find_series(self, source: SourceSettings, *, since: date | None,
+                    extra: Mapping[str, str] | None = None) -> list[RemoteSeries]:
+        filters: dict[str, Any] = {**source.filters, **(extra or {})}
         if since is not None:
             filters["StudyDate"] = f"{since:%Y%m%d}-"
         client = self._client(source)
@@ -155,7 +157,8 @@ class DicomwebSource:
         while True:
             page = _guarded(source, functools.partial(
                 client.search_for_series, search_filters=filters,
-                fields=["NumberOfSeriesRelatedInstances"], limit=_PAGE, offset=offset))
+                fields=["NumberOfSeriesRelatedInstances", "StudyDate"], limit=_PAGE,
+                offset=offset))
             for item in page:
                 remote = _remote(item)
                 if remote is not None:
@@ -199,4 +202,6 @@ def _remote(item: dict[str, Any]) -> RemoteSeries | None:
     study, series, count = first(_STUDY), first(_SERIES), first(_COUNT)
     if not study or not series:
         return None
-    return RemoteSeries(str(study), str(series), int(count) if count is not None else None)
+    study_date = first(_STUDY_DATE)
+    return RemoteSeries(str(study), str(series), int(count) if count is not None else None,
+                        str(study_date) if study_date else None)

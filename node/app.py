@@ -29,9 +29,9 @@ from node.forward import make_forward_handler
 from node.intake import Intake
 from node.metrics import Metrics, exposition
 from node.notify import notify, watchdog_interval
-from node.jobs import JobRunner, JobStore
+from node.jobs import Job, JobRunner, JobStateValues, JobStore
 from node.routing import RoutePlanner
-from node.errors import ConfigError
+from node.errors import ConfigError, DeliveryError, SourceError
 from node.settings import Settings, load_settings
 from node.pull import Puller
 from node.retention import Retention
@@ -98,7 +98,8 @@ class Node:
         self.runner = JobRunner(
             self.jobs,
             {"forward": make_forward_handler(self.engine, lambda: self.settings, self.sender,
-                                             self.audit)},
+                                             self.audit),
+             "fetch_priors": self._fetch_priors},
             workers=settings.jobs.workers, audit=self.audit,
         )
         self._released: queue.Queue[set[str]] = queue.Queue()
@@ -167,6 +168,22 @@ class Node:
             log.info("poll:%s: the source is no longer configured", name)
             return
         self.puller.poll(source)
+
+    def _fetch_priors(self, job: Job, store: JobStore) -> None:
+        """A fetch_priors job: earlier studies of the patient from a source (node/pull.py)."""
+        name = str(job.payload.get("source"))
+        source = next((s for s in self.settings.sources if s.name == name), None)
+        if source is None:
+            raise ConfigError(f"job {job.id}: source {name!r} is no longer configured")
+        try:
+            report = self.puller.fetch_priors(source, job.study_instance_uid,
+                                              int(job.payload.get("priors", 1)))
+        except SourceError as exc:
+            raise DeliveryError(f"fetching priors: {exc}", retryable=True) from exc
+        if report.error:
+            raise DeliveryError(f"fetching priors: {report.error}", retryable=True)
+        store.advance(job.id, JobStateValues.DONE,
+                      step=f"fetched:{report.fetched} series,{report.instances} instances")
 
     def _requeue_stale(self) -> None:
         if self.jobs.requeue_stale(self.settings.schedule.stale_after_seconds):

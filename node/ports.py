@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -35,13 +35,16 @@ class RemoteSeries:
     study_instance_uid: str
     series_instance_uid: str
     instances: int | None           # NumberOfSeriesRelatedInstances, when the source says
+    study_date: str | None = None   # YYYYMMDD
 
 
 class StudySource(Protocol):
     """An archive to pull from (QIDO-RS + WADO-RS); raises SourceError."""
 
-    def find_series(self, source: SourceSettings, *, since: date | None) -> list[RemoteSeries]:
-        """Series matching the source's filters, of studies dated ``since`` or later."""
+    def find_series(self, source: SourceSettings, *, since: date | None,
+                    extra: Mapping[str, str] | None = None) -> list[RemoteSeries]:
+        """Series matching the source's filters (and ``extra`` QIDO-RS keys), of studies
+        dated ``since`` or later."""
         ...
 
     def fetch_series(self, source: SourceSettings, study_instance_uid: str,

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from node.db import PulledSeriesRow
+from node.db import PulledSeriesRow, StudyRow
 from node.domain import AssociationInfo
 from node.errors import IntakeError, SourceError, StorageFullError
 from node.intake import Intake, utcnow
@@ -62,7 +62,33 @@ class Puller:
         except SourceError as exc:
             log.warning("pull %s: query failed: %s", source.name, exc)
             return PullReport(source.name, error=str(exc))
-        todo = self._new_or_grown(source, offered)
+        return self._fetch_all(source, self._new_or_grown(source, offered), len(offered))
+
+    def fetch_priors(self, source: SourceSettings, study_instance_uid: str,
+                     count: int) -> PullReport:
+        """On demand: fetch the ``count`` most recent earlier studies of the same patient
+        (QIDO-RS by PatientID, with the source's filters), series not fetched before."""
+        with Session(self.engine) as session:
+            study = session.get(StudyRow, study_instance_uid)
+            patient_id = study.patient_id if study is not None else None
+            study_date = (study.study_date if study is not None else None) or "99999999"
+        if not patient_id:
+            log.info("priors of study %s: no PatientID to search by", study_instance_uid)
+            return PullReport(source.name)
+        offered = self.client.find_series(source, since=None, extra={"PatientID": patient_id})
+        earlier = sorted({(r.study_date or "", r.study_instance_uid) for r in offered
+                          if r.study_instance_uid != study_instance_uid
+                          and (r.study_date or "") <= study_date}, reverse=True)[:count]
+        chosen = {uid for _, uid in earlier}
+        others = {r.study_instance_uid for r in offered} - {study_instance_uid}
+        log.info("priors of study %s: %d other studies at %s, fetching %d",
+                 study_instance_uid, len(others), source.name, len(chosen))
+        todo = self._new_or_grown(source, [r for r in offered if r.study_instance_uid in chosen])
+        return self._fetch_all(source, todo, len(offered))
+
+    def _fetch_all(self, source: SourceSettings, todo: list[RemoteSeries],
+                   offered: int) -> PullReport:
+        """Fetch ``todo`` study by study; each study's fetched series are then released."""
         by_study: dict[str, list[RemoteSeries]] = {}
         for remote in todo:
             by_study.setdefault(remote.study_instance_uid, []).append(remote)
@@ -77,8 +103,7 @@ class Puller:
                                 remote.series_instance_uid, exc)
                     if released:
                         self.on_released(released)
-                    return PullReport(source.name, len(offered), fetched, stored, failed,
-                                      str(exc))
+                    return PullReport(source.name, offered, fetched, stored, failed, str(exc))
                 stored += ok
                 failed += bad
                 if ok:
@@ -91,8 +116,8 @@ class Puller:
                 self.on_released(released)
         if todo:
             log.info("pull %s: %d series offered, %d fetched, %d instances stored, %d refused",
-                     source.name, len(offered), fetched, stored, failed)
-        return PullReport(source.name, len(offered), fetched, stored, failed)
+                     source.name, offered, fetched, stored, failed)
+        return PullReport(source.name, offered, fetched, stored, failed)
 
     def _new_or_grown(self, source: SourceSettings,
                       offered: list[RemoteSeries]) -> list[RemoteSeries]:

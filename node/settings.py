@@ -242,9 +242,11 @@ class RouteSettings(_Section):
     name: Name
     match: dict[str, Any] = Field(default_factory=dict)
     select: dict[str, Any] | None = None
-    action: Literal["run", "forward", "ignore"] | None = None
+    action: Literal["run", "forward", "ignore", "fetch_priors"] | None = None
     models: tuple[str, ...] = ()
     destinations: tuple[str, ...] = ()
+    source: str | None = None               # fetch_priors: the [[sources]] entry to ask
+    priors: Annotated[int, Field(ge=1, le=20)] = 1   # fetch_priors: how many earlier studies
     priority: Annotated[int, Field(ge=0, le=100)] = 50
     level: Literal["series", "study"] = "series"
     wait_seconds: Annotated[float, Field(ge=0)] = 0.0
@@ -268,6 +270,8 @@ class RouteSettings(_Section):
             raise ValueError('action = "run" needs at least one model in models')
         if action == "forward" and not self.destinations:
             raise ValueError('action = "forward" needs at least one destination')
+        if action == "fetch_priors" and not self.source:
+            raise ValueError('action = "fetch_priors" needs source (a [[sources]] name)')
         return self
 
     @property
@@ -303,7 +307,11 @@ class Settings(_Section):
                 seen.add(item.name)
         models = {m.name for m in self.models}
         dests = {d.name for d in self.destinations}
+        sources = {s.name for s in self.sources}
         for i, route in enumerate(self.routes):
+            if route.source is not None and route.source not in sources:
+                problems.append(f"routes[{i}].source: unknown source {route.source!r}, "
+                                f"expected one of {sorted(sources)}")
             for j, name in enumerate(route.models):
                 if name not in models:
                     problems.append(

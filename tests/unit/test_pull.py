@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import date
 from pathlib import Path
 
@@ -31,7 +31,8 @@ class FolderSource:
         self.series[(study, s.series_instance_uid)] = data
         return study, s.series_instance_uid, data
 
-    def find_series(self, source: SourceSettings, *, since: date | None) -> list[RemoteSeries]:
+    def find_series(self, source: SourceSettings, *, since: date | None,
+                    extra: Mapping[str, str] | None = None) -> list[RemoteSeries]:
         if self.down:
             raise SourceError(f"{source.name}: HTTP 503 from {source.url}")
         return [RemoteSeries(study, series, len(data))
@@ -80,3 +81,19 @@ def test_refused_instance_leaves_the_series_unrecorded_and_source_errors_are_rep
     folder.down = True
     report = puller.poll(SOURCE)
     assert report.error is not None and "HTTP 503" in report.error
+
+
+def test_fetch_priors_routes_name_a_configured_source() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from node.settings import Settings
+
+    route = {"name": "p", "level": "study", "action": "fetch_priors", "match": {}}
+    with pytest.raises(ValidationError, match="needs source"):
+        Settings.model_validate({"routes": [route]})
+    with pytest.raises(ValidationError, match=r"routes\[0\].source: unknown source 'nope'"):
+        Settings.model_validate({"routes": [{**route, "source": "nope"}]})
+    ok = Settings.model_validate({"routes": [{**route, "source": "archive", "priors": 2}],
+                                  "sources": [SOURCE.model_dump()]})
+    assert ok.routes[0].priors == 2
