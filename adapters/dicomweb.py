@@ -1,15 +1,19 @@
-"""DICOMweb over dicomweb-client: STOW-RS delivery of results (and, later, QIDO/WADO pull).
+"""DICOMweb over dicomweb-client: STOW-RS delivery of results, QIDO-RS + WADO-RS pull.
 
-Library and HTTP errors are translated at this boundary into DeliveryError, saying
-whether trying again may help: a refused request (4xx but 408/429) is not retryable,
-a server or network failure is. Tokens are read from files, never logged.
+Library and HTTP errors are translated at this boundary into DeliveryError (saying
+whether trying again may help: a refused request, 4xx but 408/429, is not retryable, a
+server or network failure is) or, for sources, SourceError. Tokens are read from files,
+never logged.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +22,9 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 
-from node.errors import DeliveryError
-from node.ports import SendReport
-from node.settings import DestinationSettings
+from node.errors import DeliveryError, PacsnodeError, SourceError
+from node.ports import RemoteSeries, SendReport
+from node.settings import DestinationSettings, SourceSettings
 from node.transcode import convert
 
 log = logging.getLogger(__name__)
@@ -28,33 +32,40 @@ log = logging.getLogger(__name__)
 _RETRYABLE_HTTP = {408, 425, 429}
 
 
-def _headers(destination: DestinationSettings) -> dict[str, str]:
-    if destination.token_file is None:
+Endpoint = DestinationSettings | SourceSettings
+ConfigProblem = Callable[[str], PacsnodeError]
+
+
+def _not_retryable(message: str) -> PacsnodeError:
+    return DeliveryError(message, retryable=False)
+
+
+def _headers(endpoint: Endpoint, problem: ConfigProblem = _not_retryable) -> dict[str, str]:
+    if endpoint.token_file is None:
         return {}
     try:
-        token = destination.token_file.read_text().strip()
+        token = endpoint.token_file.read_text().strip()
     except OSError as exc:
-        raise DeliveryError(f"{destination.name}: cannot read token_file "
-                            f"{destination.token_file}: {exc.strerror}", retryable=False) from exc
+        raise problem(f"{endpoint.name}: cannot read token_file "
+                      f"{endpoint.token_file}: {exc.strerror}") from exc
     return {"Authorization": f"Bearer {token}"}
 
 
-def _session(destination: DestinationSettings) -> requests.Session:
+def _session(endpoint: Endpoint, problem: ConfigProblem = _not_retryable) -> requests.Session:
     session = requests.Session()
-    if destination.ca_file is not None:
+    if endpoint.ca_file is not None:
         # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override session.verify; the
         # configured CA must win, so take proxies from the environment by hand instead.
         session.trust_env = False
-        session.proxies = requests.utils.get_environ_proxies(str(destination.url))
-        session.verify = str(destination.ca_file)
-    if destination.username is not None and destination.password_file is not None:
+        session.proxies = requests.utils.get_environ_proxies(str(endpoint.url))
+        session.verify = str(endpoint.ca_file)
+    if endpoint.username is not None and endpoint.password_file is not None:
         try:
-            password = destination.password_file.read_text().strip()
+            password = endpoint.password_file.read_text().strip()
         except OSError as exc:
-            raise DeliveryError(f"{destination.name}: cannot read password_file "
-                                f"{destination.password_file}: {exc.strerror}",
-                                retryable=False) from exc
-        session.auth = (destination.username, password)
+            raise problem(f"{endpoint.name}: cannot read password_file "
+                          f"{endpoint.password_file}: {exc.strerror}") from exc
+        session.auth = (endpoint.username, password)
     return session
 
 
@@ -114,3 +125,85 @@ def _translate(destination: DestinationSettings, exc: requests.HTTPError) -> Del
     retryable = status >= 500 or status in _RETRYABLE_HTTP or status == 0
     return DeliveryError(f"{destination.name}: HTTP {status} from {destination.url}",
                          retryable=retryable)
+
+
+_PAGE = 100                     # QIDO-RS results per request (limit/offset paging)
+_ANY_TRANSFER_SYNTAX = (("application/dicom", "*"),)     # as stored, no transcoding
+_STUDY = "0020000D"
+_SERIES = "0020000E"
+_COUNT = "00201209"             # NumberOfSeriesRelatedInstances
+_STUDY_DATE = "00080020"
+
+
+class DicomwebSource:
+    """QIDO-RS for series of recent studies, WADO-RS for their instances."""
+
+    def __init__(self) -> None:
+        # dicomweb-client logs every request at INFO; a poll every few seconds would
+        # drown the node's own lines (node/pull.py logs what was fetched)
+        logging.getLogger("dicomweb_client.web").setLevel(logging.WARNING)
+
+    def _client(self, source: SourceSettings) -> DICOMwebClient:
+        return DICOMwebClient(url=source.url, session=_session(source, SourceError),
+                              headers=_headers(source, SourceError),
+                              timeout=source.timeout_seconds)
+
+    def find_series(self, source: SourceSettings, *, since: date | None,
+                    extra: Mapping[str, str] | None = None) -> list[RemoteSeries]:
+        filters: dict[str, Any] = {**source.filters, **(extra or {})}
+        if since is not None:
+            filters["StudyDate"] = f"{since:%Y%m%d}-"
+        client = self._client(source)
+        found: list[RemoteSeries] = []
+        offset = 0
+        while True:
+            page = _guarded(source, functools.partial(
+                client.search_for_series, search_filters=filters,
+                fields=["NumberOfSeriesRelatedInstances", "StudyDate"], limit=_PAGE,
+                offset=offset))
+            for item in page:
+                remote = _remote(item)
+                if remote is not None:
+                    found.append(remote)
+            if len(page) < _PAGE:
+                return found
+            offset += len(page)
+
+    def fetch_series(self, source: SourceSettings, study_instance_uid: str,
+                     series_instance_uid: str) -> Iterator[bytes]:
+        client = self._client(source)
+        datasets = _guarded(source, lambda: client.iter_series(
+            study_instance_uid, series_instance_uid, media_types=_ANY_TRANSFER_SYNTAX))
+        while True:
+            ds = _guarded(source, lambda: next(datasets, None))
+            if ds is None:
+                return
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            yield buf.getvalue()
+
+
+def _guarded(source: SourceSettings, call: Callable[[], Any]) -> Any:
+    """Run one client call; library and HTTP errors become SourceError."""
+    try:
+        return call()
+    except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else 0
+        raise SourceError(f"{source.name}: HTTP {status} from {source.url}") from exc
+    except requests.RequestException as exc:
+        raise SourceError(f"{source.name}: {type(exc).__name__}: {exc}") from exc
+    except (ValueError, OSError) as exc:
+        raise SourceError(f"{source.name}: unreadable reply: {exc}") from exc
+
+
+def _remote(item: dict[str, Any]) -> RemoteSeries | None:
+    def first(tag: str) -> Any:
+        values = (item.get(tag) or {}).get("Value") or [None]
+        return values[0]
+
+    study, series, count = first(_STUDY), first(_SERIES), first(_COUNT)
+    if not study or not series:
+        return None
+    study_date = first(_STUDY_DATE)
+    return RemoteSeries(str(study), str(series), int(count) if count is not None else None,
+                        str(study_date) if study_date else None)

@@ -5,8 +5,11 @@
     GET  /metrics             Prometheus text format             (token)
     GET  /jobs?state=&limit=  the job table as JSON               (token)
     POST /jobs/<id>/retry     re-queue a failed/dead/cancelled job (token)
+    POST /dicom-web/studies[/<study>]  STOW-RS receive (node/stow.py)  (STOW token)
 
 The token travels as "Authorization: Bearer <token>" and is compared in constant time.
+STOW-RS takes the STOW token (``http.stow_token_file``), or the admin token when none
+is configured; the admin token is always accepted there too.
 """
 
 from __future__ import annotations
@@ -23,16 +26,22 @@ from urllib.parse import parse_qs, urlparse
 from node.errors import JobError
 from node.jobs import JobStore
 from node.queries import job_dict
+from node.stow import DICOM_JSON, StowReceiver, StowRequestError
 
 log = logging.getLogger(__name__)
 
 ReadyCheck = Callable[[], dict[str, tuple[bool, str]]]
+STOW_PREFIX = "/dicom-web/studies"
+_MAX_WARNINGS = 20          # Warning header fields carrying failure details
 
 
 class AdminServer:
     def __init__(self, host: str, port: int, *, token: str, ready: ReadyCheck,
-                 metrics: Callable[[], str], jobs: JobStore) -> None:
+                 metrics: Callable[[], str], jobs: JobStore,
+                 stow: StowReceiver | None = None, stow_token: str | None = None) -> None:
         self.token = token
+        self.stow = stow
+        self.stow_token = stow_token
         self.ready = ready
         self.metrics = metrics
         self.jobs = jobs
@@ -74,13 +83,69 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, payload: Any) -> None:
         self._send(status, json.dumps(payload, indent=1, default=str) + "\n")
 
-    def _authorised(self) -> bool:
+    def _authorised(self, *extra_tokens: str | None) -> bool:
         header = self.headers.get("Authorization", "")
         given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-        if given and hmac.compare_digest(given.encode(), self.admin.token.encode()):
+        accepted = [t for t in (self.admin.token, *extra_tokens) if t]
+        # compare with every token, always, so the time taken says nothing
+        if given and sum(hmac.compare_digest(given.encode(), t.encode()) for t in accepted):
             return True
         self._json(401, {"error": "a valid 'Authorization: Bearer <token>' header is required"})
         return False
+
+    def _body(self) -> bytes:
+        """The request body, by Content-Length or chunked transfer coding (RFC 9112 §7.1)."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            out = bytearray()
+            while True:
+                size_line = self.rfile.readline(1024)
+                try:
+                    size = int(size_line.split(b";")[0].strip(), 16)
+                except ValueError:
+                    raise StowRequestError(400, f"bad chunk size line {size_line[:40]!r}") \
+                        from None
+                if size == 0:
+                    while self.rfile.readline(1024).strip():
+                        pass                     # trailer fields
+                    return bytes(out)
+                out += self.rfile.read(size)
+                self.rfile.readline(8)           # the CRLF after the chunk
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise StowRequestError(411, "a Content-Length or chunked transfer coding is "
+                                        "required")
+        return self.rfile.read(int(length))
+
+    def _stow(self, path: str) -> None:
+        study = path.removeprefix(STOW_PREFIX).strip("/") or None
+        if study is not None and "/" in study:
+            self._json(404, {"error": f"no such resource: {path}"})
+            return
+        if self.admin.stow is None:
+            self._json(404, {"error": "STOW-RS is not enabled on this node"})
+            return
+        if not self._authorised(self.admin.stow_token):
+            return
+        try:
+            body = self._body()
+            result = self.admin.stow.receive(
+                self.headers.get("Content-Type", ""), body, study_instance_uid=study,
+                address=self.client_address[0], port=int(self.client_address[1]))
+        except StowRequestError as exc:
+            log.warning("STOW-RS from %s refused (%d): %s", self.client_address[0],
+                        exc.status, exc)
+            self._json(exc.status, {"error": str(exc)})
+            return
+        data = json.dumps(result.body).encode()
+        self.send_response(result.status)
+        self.send_header("Content-Type", DICOM_JSON)
+        self.send_header("Content-Length", str(len(data)))
+        for failure in result.failures[:_MAX_WARNINGS]:
+            text = "".join(c if " " <= c <= "~" and c not in '"\\' else "?"
+                           for c in failure.detail[:300])
+            self.send_header("Warning", f'299 pacsnode "{text}"')
+        self.end_headers()
+        self.wfile.write(data)
 
     def do_GET(self) -> None:  # noqa: N802  (http.server's naming)
         url = urlparse(self.path)
@@ -106,7 +171,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(404, {"error": f"no such resource: {url.path}"})
 
     def do_POST(self) -> None:  # noqa: N802
-        parts = urlparse(self.path).path.strip("/").split("/")
+        path = urlparse(self.path).path
+        if path == STOW_PREFIX or path.startswith(STOW_PREFIX + "/"):
+            self._stow(path)
+            return
+        parts = path.strip("/").split("/")
         if len(parts) == 3 and parts[0] == "jobs" and parts[2] == "retry" and parts[1].isdigit():
             if not self._authorised():
                 return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -12,10 +13,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from types import FrameType
 
 from sqlalchemy import Engine
 
+from adapters.dicomweb import DicomwebSource
 from adapters.dimse import DimseReceiver
 from adapters.http import AdminServer
 from adapters.senders import AnySender
@@ -26,11 +29,15 @@ from node.forward import make_forward_handler
 from node.intake import Intake
 from node.metrics import Metrics, exposition
 from node.notify import notify, watchdog_interval
-from node.jobs import JobRunner, JobStore
+from node.jobs import Job, JobRunner, JobStateValues, JobStore
 from node.routing import RoutePlanner
-from node.errors import ConfigError
+from node.errors import ConfigError, DeliveryError, SourceError
 from node.settings import Settings, load_settings
+from node.pull import Puller
+from node.retention import Retention
+from node.schedule import Scheduler, Task, cron, every
 from node.spool import Spool
+from node.stow import StowReceiver
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,17 @@ def admin_token(settings: Settings) -> str:
             fh.write(secrets.token_urlsafe(32) + "\n")
         log.info("generated an admin API token in %s", path)
     return path.read_text().strip()
+
+
+def stow_token(settings: Settings) -> str | None:
+    """The STOW-RS-only token from http.stow_token_file, if one is configured."""
+    path = settings.http.stow_token_file
+    if path is None:
+        return None
+    try:
+        return path.read_text().strip() or None
+    except OSError as exc:
+        raise ConfigError(f"http.stow_token_file {path}: cannot read ({exc.strerror})") from exc
 
 
 def pid_file(settings: Settings) -> Path:
@@ -80,13 +98,25 @@ class Node:
         self.runner = JobRunner(
             self.jobs,
             {"forward": make_forward_handler(self.engine, lambda: self.settings, self.sender,
-                                             self.audit)},
+                                             self.audit),
+             "fetch_priors": self._fetch_priors},
             workers=settings.jobs.workers, audit=self.audit,
         )
         self._released: queue.Queue[set[str]] = queue.Queue()
         self.metrics = Metrics()
         self.receiver = DimseReceiver(settings.node, self.intake, on_released=self._released.put,
                                       metrics=self.metrics)
+        # STOW-RS: the end of a request counts as an association release (fast path)
+        self.stow = StowReceiver(self.intake, ae_title=settings.node.ae_title,
+                                 on_released=self._released.put, metrics=self.metrics) \
+            if settings.http.stow else None
+        self.puller = Puller(self.intake, self.engine, DicomwebSource(),
+                             on_released=self._released.put, metrics=self.metrics,
+                             ae_title=settings.node.ae_title)
+        self.retention = Retention(self.engine, self.spool, settings.retention, lock=lock)
+        self.scheduler = Scheduler(self.engine, settings.schedule)
+        # the fine-tuning work plugs its nightly entry point in here
+        self.finetune: Callable[[], object] | None = None
         self.admin: AdminServer | None = None
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -106,12 +136,64 @@ class Node:
         self.admin = AdminServer(
             self.settings.http.host, self.settings.http.port, token=admin_token(self.settings),
             ready=self.readiness, jobs=self.jobs,
-            metrics=lambda: exposition(self.metrics, self.engine, self.spool.root))
+            metrics=lambda: exposition(self.metrics, self.engine, self.spool.root),
+            stow=self.stow, stow_token=stow_token(self.settings))
         self.admin.start()
         pid_file(self.settings).write_text(f"{os.getpid()}\n")
+        self.scheduler.start(self.scheduled_tasks())
         if self.spawn_worker and self.settings.models:
             self.worker = WorkerSupervisor(self.settings)
             self.worker.start()
+
+    def scheduled_tasks(self) -> list[Task]:
+        """The periodic work of this node (see node/schedule.py)."""
+        s = self.settings.schedule
+        tasks = [
+            Task("retry-sweep", self.runner.wake, every(s.retry_sweep_seconds)),
+            Task("stale-jobs", self._requeue_stale, every(s.stale_check_seconds)),
+        ]
+        tasks += [Task(f"poll:{source.name}", functools.partial(self._poll, source.name),
+                       every(source.interval_seconds)) for source in self.settings.sources]
+        if self.retention.enabled:
+            tasks.append(Task("retention", self.retention.run,
+                              every(self.settings.retention.check_interval_minutes * 60)))
+        if s.finetune_cron:
+            tasks.append(Task("finetune-nightly", self._finetune_nightly, cron(s.finetune_cron)))
+        return tasks
+
+    def _poll(self, name: str) -> None:
+        """Poll a source by name, with the settings in force now (reload may change them)."""
+        source = next((s for s in self.settings.sources if s.name == name), None)
+        if source is None:
+            log.info("poll:%s: the source is no longer configured", name)
+            return
+        self.puller.poll(source)
+
+    def _fetch_priors(self, job: Job, store: JobStore) -> None:
+        """A fetch_priors job: earlier studies of the patient from a source (node/pull.py)."""
+        name = str(job.payload.get("source"))
+        source = next((s for s in self.settings.sources if s.name == name), None)
+        if source is None:
+            raise ConfigError(f"job {job.id}: source {name!r} is no longer configured")
+        try:
+            report = self.puller.fetch_priors(source, job.study_instance_uid,
+                                              int(job.payload.get("priors", 1)))
+        except SourceError as exc:
+            raise DeliveryError(f"fetching priors: {exc}", retryable=True) from exc
+        if report.error:
+            raise DeliveryError(f"fetching priors: {report.error}", retryable=True)
+        store.advance(job.id, JobStateValues.DONE,
+                      step=f"fetched:{report.fetched} series,{report.instances} instances")
+
+    def _requeue_stale(self) -> None:
+        if self.jobs.requeue_stale(self.settings.schedule.stale_after_seconds):
+            self.runner.wake()
+
+    def _finetune_nightly(self) -> None:
+        if self.finetune is None:
+            log.info("finetune_nightly: no finetune configured")
+            return
+        self.finetune()
 
     def reload(self) -> bool:
         """Load the configuration file again and swap routes and destinations.
@@ -125,7 +207,7 @@ class Node:
         except ConfigError as exc:
             log.error("reload refused, the current routes stay in force: %s", exc)
             return False
-        for section in ("node", "storage", "http", "assembly", "jobs"):
+        for section in ("node", "storage", "http", "assembly", "jobs", "schedule", "retention"):
             if getattr(new, section) != getattr(self.settings, section):
                 log.warning("reload: [%s] changed; it takes effect at the next restart", section)
         self.planner.replace_routes(new.routes, new.models)
@@ -135,6 +217,8 @@ class Node:
             "sources": new.sources})
         log.info("reloaded %s: %d route(s), %d destination(s)", source, len(new.routes),
                  len(new.destinations))
+        if self.scheduler.running:
+            self.scheduler.update(self.scheduled_tasks())     # sources added or removed
         if models_changed and self.spawn_worker:
             log.info("models changed: restarting the worker process")
             if self.worker is not None:
@@ -172,6 +256,7 @@ class Node:
 
     def stop(self) -> None:
         log.info("stopping: no new associations")
+        self.scheduler.stop()
         self.receiver.stop()
         if self.admin is not None:
             self.admin.stop()

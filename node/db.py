@@ -142,6 +142,19 @@ class DeliveryRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime)
 
 
+class PulledSeriesRow(Base):
+    """What pull mode has fetched from each source (node/pull.py): never fetched twice."""
+
+    __tablename__ = "pulled_series"
+
+    source: Mapped[str] = mapped_column(String(64), primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    instances: Mapped[int] = mapped_column(Integer)
+    fetched_at: Mapped[datetime] = mapped_column(DateTime)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime)
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")

@@ -70,3 +70,7 @@ class VolumeError(PacsnodeError):
 
 class ResultError(PacsnodeError):
     """A prediction cannot be written as DICOM SEG/SR (bad labels, sources or references)."""
+
+
+class SourceError(PacsnodeError):
+    """A DICOMweb source cannot be queried or read (network, HTTP status, bad reply)."""

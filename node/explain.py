@@ -95,6 +95,9 @@ def _would_run(d: Decision) -> str:
     if d.action == "run":
         return f"{d.route}: run {', '.join(d.models)} on {target} -> {dests} (priority " \
                f"{d.priority})"
+    if d.action == "fetch_priors":
+        return f"{d.route}: fetch {d.priors} earlier stud{'y' if d.priors == 1 else 'ies'} " \
+               f"of the patient from {d.source} (priority {d.priority})"
     return f"{d.route}: forward {target} unchanged -> {dests} (priority {d.priority})"
 
 

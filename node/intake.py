@@ -96,12 +96,22 @@ class Intake:
         peer: AssociationInfo | None = None,
         expected_sop_instance_uid: str | None = None,
         expected_sop_class_uid: str | None = None,
+        expected_study_instance_uid: str | None = None,
     ) -> StoreOutcome:
-        """Store one Part 10 byte string. Raises an IntakeError subclass on failure."""
+        """Store one Part 10 byte string. Raises an IntakeError subclass on failure.
+
+        ``expected_*``: what the request that carried the bytes said (C-STORE's Affected
+        SOP Instance/Class UID, the study of a STOW-RS URL); a contradiction is refused.
+        """
         writing = self._writers.submit(self.spool.stage, data)
         try:
             header = read_header(data)
             _check_request(header, expected_sop_instance_uid, expected_sop_class_uid)
+            if expected_study_instance_uid and \
+                    header.study_instance_uid != expected_study_instance_uid:
+                raise DatasetMismatchError(
+                    f"Study Instance UID in the data set ({header.study_instance_uid}) differs "
+                    f"from the study in the request ({expected_study_instance_uid})")
         except IntakeError:
             try:
                 self.spool.discard(writing.result())

@@ -48,6 +48,7 @@ FINAL = {JobStateValues.DONE, JobStateValues.FAILED, JobStateValues.DEAD,
          JobStateValues.CANCELLED}
 CLAIMABLE = (JobStateValues.PENDING.value, JobStateValues.ENCODED.value)
 IN_FLIGHT = (JobStateValues.RUNNING.value, JobStateValues.DELIVERING.value)
+HEARTBEAT_SECONDS = 30.0       # schedule.stale_after_seconds must be well above this
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,30 @@ class JobStore:
             count = int(getattr(result, "rowcount", 0) or 0)
         if count:
             log.warning("resumed %d job(s) interrupted by a stop", count)
+        return count
+
+    def heartbeat(self, job_ids: set[int]) -> None:
+        """A runner still works these jobs: refresh their lease (``updated_at``)."""
+        if not job_ids:
+            return
+        with Session(self.engine) as session, session.begin():
+            session.execute(update(JobRow)
+                            .where(JobRow.id.in_(job_ids), JobRow.state.in_(IN_FLIGHT))
+                            .values(updated_at=utcnow()))
+
+    def requeue_stale(self, older_than_seconds: float) -> int:
+        """Running/delivering jobs whose runner stopped beating (a hung or vanished
+        process) go back to pending, step kept, like :meth:`recover` does at start."""
+        limit = utcnow() - timedelta(seconds=older_than_seconds)
+        with Session(self.engine) as session, session.begin():
+            result = session.execute(
+                update(JobRow)
+                .where(JobRow.state.in_(IN_FLIGHT), JobRow.updated_at < limit)
+                .values(state=JobStateValues.PENDING.value, updated_at=utcnow(),
+                        last_error=f"lease expired: no heartbeat for {older_than_seconds:.0f} s"))
+            count = int(getattr(result, "rowcount", 0) or 0)
+        if count:
+            log.warning("requeued %d job(s) whose runner stopped sending heartbeats", count)
         return count
 
     def claim(self, kinds: set[str], queues: set[str] | None = None) -> Job | None:
@@ -272,11 +297,16 @@ JobHandler = Callable[[Job, JobStore], None]
 
 
 class JobRunner:
-    """Threads that claim jobs of the kinds they have handlers for and run them."""
+    """Threads that claim jobs of the kinds they have handlers for and run them; while a
+    job runs, its lease is refreshed every ``heartbeat_seconds`` (see requeue_stale)."""
 
     def __init__(self, store: JobStore, handlers: Mapping[str, JobHandler], *,
                  workers: int = 1, poll_seconds: float = 1.0,
-                 queues: set[str] | None = None, audit: AuditLog = NO_AUDIT) -> None:
+                 queues: set[str] | None = None, audit: AuditLog = NO_AUDIT,
+                 heartbeat_seconds: float = HEARTBEAT_SECONDS) -> None:
+        self.heartbeat_seconds = heartbeat_seconds
+        self._running: set[int] = set()
+        self._running_lock = threading.Lock()
         self.store = store
         self.audit = audit
         self.queues = queues
@@ -292,6 +322,18 @@ class JobRunner:
             thread = threading.Thread(target=self._loop, name=f"job-runner-{i}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        beat = threading.Thread(target=self._beat, name="job-heartbeat", daemon=True)
+        beat.start()
+        self._threads.append(beat)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_seconds):
+            with self._running_lock:
+                ids = set(self._running)
+            try:
+                self.store.heartbeat(ids)
+            except Exception:
+                log.exception("job heartbeat failed")
 
     def wake(self) -> None:
         self._wake.set()
@@ -309,6 +351,8 @@ class JobRunner:
         job = self.store.claim(set(self.handlers), self.queues)
         if job is None:
             return False
+        with self._running_lock:
+            self._running.add(job.id)
         try:
             self.handlers[job.kind](job, self.store)
         except DeliveryError as exc:
@@ -320,6 +364,9 @@ class JobRunner:
         except Exception as exc:
             log.exception("job %d (%s) crashed", job.id, job.kind)
             self.store.fail(job.id, f"internal error: {exc!r}", retryable=True)
+        finally:
+            with self._running_lock:
+                self._running.discard(job.id)
         return True
 
     def _audit_failure(self, job: Job, error: str, state: JobStateValues) -> None:

@@ -33,9 +33,10 @@ class Metrics:
 
 
 _HELP = {
-    "pacsnode_instances_received_total": "Instances stored by the DICOM receiver.",
-    "pacsnode_bytes_received_total": "Bytes of instances stored by the DICOM receiver.",
-    "pacsnode_instances_refused_total": "C-STORE requests answered with a failure status.",
+    "pacsnode_instances_received_total": "Instances stored by C-STORE or STOW-RS.",
+    "pacsnode_bytes_received_total": "Bytes of instances stored (C-STORE, STOW-RS, pull).",
+    "pacsnode_instances_refused_total": "Instances refused (C-STORE or STOW-RS), by status.",
+    "pacsnode_instances_pulled_total": "Instances fetched from DICOMweb sources, by source.",
     "pacsnode_associations_total": "Associations accepted (result=accepted) or rejected.",
     "pacsnode_jobs": "Jobs in the job table by kind and state.",
     "pacsnode_queue_depth": "Claimable jobs waiting, by kind.",

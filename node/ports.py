@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Protocol
 
-from node.settings import DestinationSettings
+from node.settings import DestinationSettings, SourceSettings
 
 
 @dataclass(frozen=True)
@@ -24,4 +25,29 @@ class Sender(Protocol):
 
     def echo(self, destination: DestinationSettings) -> float:
         """Verify the destination answers; return the round trip in seconds."""
+        ...
+
+
+@dataclass(frozen=True)
+class RemoteSeries:
+    """One series a source offers (a QIDO-RS answer)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    instances: int | None           # NumberOfSeriesRelatedInstances, when the source says
+    study_date: str | None = None   # YYYYMMDD
+
+
+class StudySource(Protocol):
+    """An archive to pull from (QIDO-RS + WADO-RS); raises SourceError."""
+
+    def find_series(self, source: SourceSettings, *, since: date | None,
+                    extra: Mapping[str, str] | None = None) -> list[RemoteSeries]:
+        """Series matching the source's filters (and ``extra`` QIDO-RS keys), of studies
+        dated ``since`` or later."""
+        ...
+
+    def fetch_series(self, source: SourceSettings, study_instance_uid: str,
+                     series_instance_uid: str) -> Iterator[bytes]:
+        """The series' instances, each as a Part 10 byte string."""
         ...

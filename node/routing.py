@@ -66,6 +66,8 @@ class Decision:
     priority: int = 50
     wait_seconds: float = 0.0
     series_instance_uid: str | None = None       # the series the job works on, if one
+    source: str | None = None                    # fetch_priors: where from
+    priors: int = 1
     skipped: str | None = None                   # why a matching route did not fire
     notes: tuple[str, ...] = field(default=())
 
@@ -135,6 +137,7 @@ def _decision(route: RouteSettings, matched: bool, reason: str,
     return Decision(route=route.name, level=route.level, matched=matched, reason=reason,
                     action=route.effective_action, models=route.models,
                     destinations=route.destinations, priority=route.priority,
+                    source=route.source, priors=route.priors,
                     wait_seconds=route.wait_seconds, series_instance_uid=series_instance_uid)
 
 
@@ -180,6 +183,11 @@ def job_specs(decisions: Iterable[Decision], unit: CompletedUnit,
                                      unit.study_instance_uid, target, unit.generation,
                                      {**payload, "model": model}, d.priority, d.wait_seconds,
                                      (queues or {}).get(model, "default")))
+        elif d.action == "fetch_priors":
+            specs.append(JobSpec(f"{base}:fetch_priors", "fetch_priors", d.route,
+                                 unit.study_instance_uid, None, unit.generation,
+                                 {"source": d.source, "priors": d.priors}, d.priority,
+                                 d.wait_seconds))
         else:
             specs.append(JobSpec(f"{base}:forward", "forward", d.route,
                                  unit.study_instance_uid, target, unit.generation,

@@ -100,6 +100,8 @@ class HttpSettings(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
     token_file: Path | None = None
+    stow: bool = True                       # STOW-RS receive at /dicom-web/studies
+    stow_token_file: Path | None = None     # a token for STOW-RS only (the admin token works too)
 
 
 class AssemblySettings(_Section):
@@ -118,6 +120,14 @@ class JobSettings(_Section):
     retry_base_seconds: Annotated[float, Field(gt=0)] = 5.0
     retry_max_seconds: Annotated[float, Field(gt=0)] = 600.0
     workers: Annotated[int, Field(ge=1, le=64)] = 2
+
+
+def _check_http_auth(username: str | None, password_file: Path | None,
+                     token_file: Path | None) -> None:
+    if (username is None) != (password_file is None):
+        raise ValueError("username and password_file together (HTTP basic auth)")
+    if username is not None and token_file is not None:
+        raise ValueError("either token_file or username/password_file, not both")
 
 
 class DestinationSettings(_Section):
@@ -146,20 +156,60 @@ class DestinationSettings(_Section):
                 raise ValueError(f"the keys {', '.join(missing)} for kind = \"dimse\"")
         elif self.url is None:
             raise ValueError("the key url for kind = \"dicomweb\"")
-        if (self.username is None) != (self.password_file is None):
-            raise ValueError("username and password_file together (HTTP basic auth)")
-        if self.username is not None and self.token_file is not None:
-            raise ValueError("either token_file or username/password_file, not both")
+        _check_http_auth(self.username, self.password_file, self.token_file)
         return self
 
 
 class SourceSettings(_Section):
+    """An archive the node pulls from (QIDO-RS + WADO-RS; see node/pull.py)."""
+
     name: Name
     kind: Literal["dicomweb"]
     url: str
     interval_seconds: Annotated[float, Field(gt=0)] = 60.0
-    filters: dict[str, str] = Field(default_factory=dict)
-    token_file: Path | None = None
+    lookback_hours: Annotated[float, Field(ge=0)] = 24.0   # StudyDate window; 0 = no window
+    filters: dict[str, str] = Field(default_factory=dict)  # QIDO-RS query keys
+    token_file: Path | None = None          # bearer token
+    username: str | None = None             # HTTP basic auth, with password_file
+    password_file: Path | None = None
+    ca_file: Path | None = None             # CA for https
+    timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+    @model_validator(mode="after")
+    def _auth(self) -> SourceSettings:
+        _check_http_auth(self.username, self.password_file, self.token_file)
+        return self
+
+
+class ScheduleSettings(_Section):
+    """Periodic work (node/schedule.py); the job store lives in the node's database."""
+
+    misfire_grace_seconds: Annotated[float, Field(ge=1)] = 300.0
+    retry_sweep_seconds: Annotated[float, Field(gt=0)] = 30.0
+    stale_check_seconds: Annotated[float, Field(gt=0)] = 60.0
+    stale_after_seconds: Annotated[float, Field(ge=60)] = 600.0   # >= 2 x the 30 s heartbeat
+    finetune_cron: str = ""                 # crontab line, e.g. "0 2 * * *"; "" = disabled
+
+    @model_validator(mode="after")
+    def _cron_shape(self) -> ScheduleSettings:
+        if self.finetune_cron and len(self.finetune_cron.split()) != 5:
+            raise ValueError('a crontab line of 5 fields such as "0 2 * * *", or "" (disabled)')
+        return self
+
+
+class RetentionSettings(_Section):
+    """Spool housekeeping (node/retention.py). Data a live job needs is never removed."""
+
+    check_interval_minutes: Annotated[float, Field(gt=0)] = 60.0
+    max_age_days: Annotated[float, Field(ge=0)] = 0.0          # 0 = keep for ever
+    high_water_percent: Annotated[float, Field(ge=0, le=100)] = 0.0   # 0 = off
+    low_water_percent: Annotated[float, Field(ge=0, le=100)] = 0.0    # 0 = high water - 5
+
+    @model_validator(mode="after")
+    def _order(self) -> RetentionSettings:
+        if self.low_water_percent and self.low_water_percent >= self.high_water_percent:
+            raise ValueError("low_water_percent below high_water_percent")
+        return self
 
 
 class CodeSettings(_Section):
@@ -212,9 +262,11 @@ class RouteSettings(_Section):
     name: Name
     match: dict[str, Any] = Field(default_factory=dict)
     select: dict[str, Any] | None = None
-    action: Literal["run", "forward", "ignore"] | None = None
+    action: Literal["run", "forward", "ignore", "fetch_priors"] | None = None
     models: tuple[str, ...] = ()
     destinations: tuple[str, ...] = ()
+    source: str | None = None               # fetch_priors: the [[sources]] entry to ask
+    priors: Annotated[int, Field(ge=1, le=20)] = 1   # fetch_priors: how many earlier studies
     priority: Annotated[int, Field(ge=0, le=100)] = 50
     level: Literal["series", "study"] = "series"
     wait_seconds: Annotated[float, Field(ge=0)] = 0.0
@@ -238,6 +290,8 @@ class RouteSettings(_Section):
             raise ValueError('action = "run" needs at least one model in models')
         if action == "forward" and not self.destinations:
             raise ValueError('action = "forward" needs at least one destination')
+        if action == "fetch_priors" and not self.source:
+            raise ValueError('action = "fetch_priors" needs source (a [[sources]] name)')
         return self
 
     @property
@@ -254,6 +308,8 @@ class Settings(_Section):
     http: HttpSettings = HttpSettings()
     assembly: AssemblySettings = AssemblySettings()
     jobs: JobSettings = JobSettings()
+    schedule: ScheduleSettings = ScheduleSettings()
+    retention: RetentionSettings = RetentionSettings()
     destinations: tuple[DestinationSettings, ...] = ()
     sources: tuple[SourceSettings, ...] = ()
     models: tuple[ModelSettings, ...] = ()
@@ -271,7 +327,11 @@ class Settings(_Section):
                 seen.add(item.name)
         models = {m.name for m in self.models}
         dests = {d.name for d in self.destinations}
+        sources = {s.name for s in self.sources}
         for i, route in enumerate(self.routes):
+            if route.source is not None and route.source not in sources:
+                problems.append(f"routes[{i}].source: unknown source {route.source!r}, "
+                                f"expected one of {sorted(sources)}")
             for j, name in enumerate(route.models):
                 if name not in models:
                     problems.append(
@@ -349,7 +409,7 @@ def _known_keys() -> list[str]:
     sections: list[type[BaseModel]] = [
         Settings, NodeSettings, StorageSettings, HttpSettings, AssemblySettings, JobSettings,
         AllowedCaller, DestinationSettings, SourceSettings, ModelSettings, RouteSettings,
-        TlsSettings, ClassSettings, CodeSettings,
+        TlsSettings, ClassSettings, CodeSettings, ScheduleSettings, RetentionSettings,
     ]
     return sorted({key for model in sections for key in model.model_fields})
 
@@ -370,7 +430,7 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
             rel = db.removeprefix("sqlite:///")
             if rel and rel != ":memory:":
                 storage["database"] = "sqlite:///" + str((base / rel).resolve())
-    for section, keys in (("http", ("token_file",)),):
+    for section, keys in (("http", ("token_file", "stow_token_file")),):
         table = raw.get(section)
         if isinstance(table, dict):
             for key in keys:

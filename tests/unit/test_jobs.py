@@ -173,3 +173,52 @@ def test_device_queues_are_claimed_only_by_their_worker(tmp_path: Path) -> None:
     assert store.get(first.id).state is JobStateValues.RUNNING
     second = store.claim({"infer"})
     assert second is not None and second.key == "b"
+
+
+def test_running_job_without_heartbeat_is_requeued_with_its_step(tmp_path: Path) -> None:
+    store = Rig(tmp_path).jobs
+    _add(store, _spec("hung"), _spec("alive"))
+    hung = store.claim({"forward"})
+    alive = store.claim({"forward"})
+    assert hung is not None and alive is not None
+    store.advance(hung.id, JobStateValues.DELIVERING, step="sent:a")
+    with Session(store.engine) as session, session.begin():
+        session.execute(update(JobRow).where(JobRow.id.in_([hung.id, alive.id]))
+                        .values(updated_at=JobRow.updated_at - timedelta(seconds=700)))
+    store.heartbeat({alive.id})                 # its runner is still beating
+    assert store.requeue_stale(600) == 1
+    back = store.get(hung.id)
+    assert back.state is JobStateValues.PENDING and back.step == "sent:a"
+    assert "lease expired" in (back.last_error or "")
+    assert store.get(alive.id).state is JobStateValues.RUNNING
+    assert store.requeue_stale(600) == 0        # safe to run twice
+
+
+def test_runner_beats_while_a_job_runs(tmp_path: Path) -> None:
+    import threading
+
+    store = Rig(tmp_path).jobs
+    _add(store, _spec("slow"))
+    release = threading.Event()
+    seen: list[Job] = []
+
+    def slow(job: Job, s: JobStore) -> None:
+        seen.append(job)
+        release.wait(5)
+        s.advance(job.id, JobStateValues.DONE)
+
+    runner = JobRunner(store, {"forward": slow}, heartbeat_seconds=0.05)
+    runner.start()
+    try:
+        for _ in range(100):
+            if seen:
+                break
+            threading.Event().wait(0.05)
+        first = store.get(seen[0].id).updated_at
+        threading.Event().wait(0.3)
+        assert store.get(seen[0].id).updated_at > first
+        assert store.requeue_stale(60) == 0
+    finally:
+        release.set()
+        runner.stop()
+    assert store.get(seen[0].id).state is JobStateValues.DONE
