@@ -45,6 +45,8 @@ class DeidError(PacsnodeError):
 _KEEP_PRESENT = frozenset({"AccessionNumber", "ContentDate", "ContentTime", "PatientBirthDate",
                            "PatientID", "PatientName", "PatientSex", "ReferringPhysicianName",
                            "StudyDate", "StudyID", "StudyTime", "ContentCreatorName"})
+# ... and those the Enhanced General Equipment module (SEG) requires with a value (Type 1).
+_KEEP_VALUE = frozenset({"DeviceSerialNumber"})
 _DUMMY = {"PN": "ANONYMOUS", "DA": "19000101", "TM": "000000", "DT": "19000101000000",
           "UI": "2.25.0", "IS": "0", "DS": "0", "AS": "000Y", "CS": "ANON"}
 METHOD = "PS3.15 E.1 Basic Appl. Level Confidentiality Profile"
@@ -106,7 +108,7 @@ class Deidentifier:
         out = copy.deepcopy(ds)
         pseudonym = self.pseudonym(patient_id, issuer)
         shift = self.shift(f"{issuer}\\{patient_id}") if self.retain_dates else None
-        self._apply(out, shift)
+        self._apply(out, shift, set())
         out.PatientID = pseudonym
         out.PatientName = pseudonym
         out.PatientIdentityRemoved = "YES"
@@ -130,7 +132,12 @@ class Deidentifier:
             out.file_meta = meta
         return out
 
-    def _apply(self, ds: Dataset, shift: timedelta | None) -> None:
+    def _apply(self, ds: Dataset, shift: timedelta | None, seen: set[int]) -> None:
+        """Apply the table to ``ds`` and its items; ``seen`` holds the ids of items done
+        (an item object can sit in two sequences: it must be changed once)."""
+        if id(ds) in seen:
+            return
+        seen.add(id(ds))
         ds.remove_private_tags()
         for elem in list(ds):
             group = elem.tag.group
@@ -147,12 +154,12 @@ class Deidentifier:
                 empty: Sequence | str = Sequence() if elem.VR == "SQ" else ""
                 ds[elem.tag] = DataElement(elem.tag, elem.VR, empty)
             elif action == "D":
-                self._dummy(ds, elem, shift)
+                self._dummy(ds, elem, shift, seen)
             elif action == "C" and shift is not None:
                 self._shift(ds, elem, pairs, shift)
             elif elem.VR == "SQ":
                 for item in elem.value:
-                    self._apply(item, shift)
+                    self._apply(item, shift, seen)
             elif elem.VR == "UI":
                 self._replace_uids(ds, elem)
 
@@ -165,14 +172,17 @@ class Deidentifier:
             return "K"
         if action == "X/Z/U*":
             return "K"  # keep the sequence; its UIDs are replaced below (U*)
+        if "/" in action and keyword in _KEEP_VALUE:
+            return "D"
         if "/" in action:
             return ("Z" if "Z" in action else "D") if keyword in _KEEP_PRESENT else "X"
         return "K" if action == "U" else action
 
-    def _dummy(self, ds: Dataset, elem: DataElement, shift: timedelta | None) -> None:
+    def _dummy(self, ds: Dataset, elem: DataElement, shift: timedelta | None,
+               seen: set[int]) -> None:
         if elem.VR == "SQ":
             for item in elem.value:
-                self._apply(item, shift)
+                self._apply(item, shift, seen)
             return
         value = _DUMMY.get(elem.VR, "ANON")
         ds[elem.tag] = DataElement(elem.tag, elem.VR, value)

@@ -29,9 +29,9 @@ class FamilyB:
     slice_thickness_mm: float = 3.0
     pixel_spacing_mm: float = 1.5
     offset_hu: float = 35.0           # calibration offset of the whole image
-    extra_noise_hu: float = 15.0      # added to synth's 12 HU
-    lesion_contrast: float = 0.5     # fraction of the lesion's contrast that remains
-    texture_hu: float = 10.0          # speckle inside lesions
+    extra_noise_hu: float = 8.0       # added to the 12 HU of node.synth
+    lesion_contrast: float = 0.6     # fraction of the lesion's contrast that remains
+    texture_hu: float = 5.0          # speckle inside lesions
 
 
 @dataclass(frozen=True, eq=False)

@@ -14,6 +14,8 @@ import re
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -271,10 +273,29 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Limit torch's CPU threads for the duration (0: leave torch's default)."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_finetune(settings: Settings, name: str, *, rebuild_test_set: bool = False,
                  min_new_pairs: int = 0, progress: Progress | None = None) -> Outcome:
     """The whole loop for model ``name``; skipped when fewer than ``min_new_pairs`` new
     labelled pairs were found, or when the data cannot make a train and a test set."""
+    with torch_threads(settings.finetune.threads):
+        return _run(settings, name, rebuild_test_set=rebuild_test_set,
+                    min_new_pairs=min_new_pairs, progress=progress)
+
+
+def _run(settings: Settings, name: str, *, rebuild_test_set: bool, min_new_pairs: int,
+         progress: Progress | None) -> Outcome:
     prepared = prepare(settings, name, rebuild_test_set=rebuild_test_set)
     base = prepared.base
     common: dict[str, Any] = {

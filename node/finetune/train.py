@@ -1,5 +1,5 @@
 """Fine-tune a bundle's network on local samples: patches, Dice + cross-entropy, Adam,
-early stopping on validation Dice, best weights kept.
+cosine learning-rate decay, early stopping on validation Dice, best weights kept.
 
 Training starts from the current model's weights; ``trainable = "all"`` (default) updates
 every layer, ``"head"`` only the last two parameter tensors. Augmentation: random flips,
@@ -100,12 +100,13 @@ def train_candidate(network: torch.nn.Module, info: ModelInfo, train: Sequence[S
     network.to(device)
     params = _trainable(network, config.trainable)
     opt = torch.optim.Adam(params, lr=config.learning_rate)
+    total = config.epochs * config.steps_per_epoch
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     size = config.patch_size
     history: list[EpochLog] = []
     best, best_epoch, since = -1.0, 0, 0
     best_state = copy.deepcopy(network.state_dict())
-    total = config.epochs * config.steps_per_epoch
     stopped = False
     for epoch in range(1, config.epochs + 1):
         started = time.monotonic()
@@ -120,6 +121,7 @@ def train_candidate(network: torch.nn.Module, info: ModelInfo, train: Sequence[S
             loss = loss_fn(network(x), y)
             loss.backward()
             opt.step()
+            sched.step()
             losses.append(float(loss.item()))
             if progress is not None:
                 done = (epoch - 1) * config.steps_per_epoch + step + 1
