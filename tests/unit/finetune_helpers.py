@@ -30,9 +30,10 @@ def reference_seg(source: Sequence[Dataset], mask: np.ndarray, *,
     write it; ``label`` is deliberately not the model's label name (codes must match)."""
     kind = hd.seg.SegmentAlgorithmTypeValues[algorithm]
     ident = None
-    if kind == hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC:
+    if kind != hd.seg.SegmentAlgorithmTypeValues.MANUAL:
         ident = hd.AlgorithmIdentificationSequence(
-            name="other-ai", version="1", family=codes.cid7162.ArtificialIntelligence)
+            name="other-ai" if algorithm == "AUTOMATIC" else "contour tool", version="1",
+            family=codes.cid7162.ArtificialIntelligence)
     description = hd.seg.SegmentDescription(
         segment_number=1, segment_label=label, segmented_property_category=LESION_CATEGORY,
         segmented_property_type=property_type, algorithm_type=kind,
