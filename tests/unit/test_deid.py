@@ -23,7 +23,7 @@ _TEXT = {"LO", "SH", "LT", "ST", "UT", "UC", "CS"}
 
 
 def _known(keyword: str, i: int) -> object:
-    vr = dictionary_VR(tag_for_keyword(keyword))
+    vr = dictionary_VR(tag_for_keyword(keyword) or 0)
     value: object
     if vr == "SQ":
         item = Dataset()
