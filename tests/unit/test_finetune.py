@@ -26,8 +26,9 @@ from node.finetune import pipeline
 from node.finetune.phantoms import family_b
 from node.finetune.registry import Registry, active_model_settings, registry_root
 from node.finetune.store import Sample
-from node.inference.runner import TorchRunner, read_info
+from node.inference.runner import ModelPool, TorchRunner, read_info
 from node.inference.volume import volume_from_datasets
+from node.results.seg import build_seg
 from node.settings import Settings, load_settings
 from node.synth import make_patient
 from tests.support import ROOT, write_config
@@ -105,6 +106,14 @@ def test_domain_shift_fine_tune_is_promoted(
     info = read_info(model)
     assert info.version == "1.0.0-local.2" and info.weights_sha256 == active.meta[
         "weights_sha256"]
+    # ... and the version that goes into the SEG it writes
+    series = _b_study(0)[0]
+    prediction = TorchRunner(model).predict(volume_from_datasets(series.datasets))
+    seg = build_seg(series.datasets, prediction.labels, info.labels, model="lesion-ct",
+                    version=prediction.version, weights_sha256=prediction.weights_sha256,
+                    job_key="finetune-test")
+    assert seg is not None and seg.SoftwareVersions == "1.0.0-local.2"
+    assert "1.0.0-local.2" in seg.ContentDescription
 
 
 def test_locked_test_set_stays_fixed_and_bad_candidate_is_refused(
@@ -149,11 +158,16 @@ def test_nightly_skips_without_new_pairs_and_rollback_is_one_command(
     (row,) = json.loads(listed.stdout)
     assert row["active_version"] == 1 and row["version"] == "1.0.0"
     assert [v["number"] for v in row["versions"]] == [1, 2]
-    # the runtime is back on the parent's weights
-    (model,) = active_model_settings(settings)
-    volume = volume_from_datasets(_b_study(0)[1][:-1])
-    assert TorchRunner(model).predict(volume).version == "1.0.0"
-    Registry(registry_root(settings), "lesion-ct").set_active(2)
+    # a resident model pool (the worker's) switches back at its next job
+    volume = volume_from_datasets(_b_study(0)[0].datasets)
+    registry = Registry(registry_root(settings), "lesion-ct")
+    registry.set_active(2)
+    pool = ModelPool({m.name: m for m in active_model_settings(settings)})
+    assert pool.predict("lesion-ct", volume).version == "1.0.0-local.2"
+    registry.rollback()
+    assert pool.update({m.name: m for m in active_model_settings(settings)}) == ["lesion-ct"]
+    assert pool.predict("lesion-ct", volume).version == "1.0.0"
+    registry.set_active(2)
 
 
 def test_finetune_command_without_labels_skips_and_names_why(tmp_path: Path) -> None:
