@@ -124,6 +124,22 @@ def test_locked_test_set_stays_fixed_and_bad_candidate_is_refused(
     assert {s.patient for s in prepared.test} == set(manifest["test_set"]["patients"])
     assert prepared.new_pairs == 0          # nothing new since the run that promoted
     assert prepared.base.number == 2        # the gate compares against the active version
+    # the training store holds no identifiers: pseudonyms, shifted dates, new UIDs
+    people = [make_patient(600 + i) for i in range(PATIENTS)]
+    secrets = {x for p in people for x in (p.patient_id, p.patient_name, p.birth_date)}
+    secrets |= {_b_study(i)[0].series_instance_uid for i in range(2)}
+    root = prepared.store.root
+    manifest_text = (root / "manifest.json").read_text()
+    assert not [x for x in secrets if x in manifest_text]
+    files = sorted((root / "dicom").rglob("*.dcm"))
+    assert len(files) == PATIENTS * (SHAPE[0] + 1)           # source slices + the SEG
+    for path in files[::7]:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert ds.PatientIdentityRemoved == "YES" and ds.StudyDate != "20260101"
+        assert not [x for x in secrets if x in str(ds)]
+        assert not any(elem.tag.is_private for elem in ds)
+    with np.load(next((root / "arrays").glob("*.npz"))) as arrays:
+        assert sorted(arrays.files) == ["affine", "image", "labels", "spacing"]
     # a candidate trained on labels shuffled voxel by voxel
     rng = np.random.default_rng(0)
     shuffled = tuple(Sample(s.pair_id, s.patient, s.image,
