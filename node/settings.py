@@ -246,6 +246,7 @@ class FinetuneSettings(_Section):
     trainable: Literal["all", "head"] = "all"
     augment: bool = True
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:[0-9]+)$")] = "auto"
+    threads: Annotated[int, Field(ge=0, le=256)] = 0   # CPU threads for torch; 0 = default
     seed: Annotated[int, Field(ge=0)] = 0
     min_improvement: Annotated[float, Field(ge=0, le=1)] = 0.02
     regression_margin: Annotated[float, Field(ge=0, le=1)] = 0.02

@@ -28,9 +28,9 @@ class FamilyB:
 
     slice_thickness_mm: float = 3.0
     pixel_spacing_mm: float = 1.5
-    offset_hu: float = 35.0           # calibration offset of the whole image
+    offset_hu: float = 0.0           # calibration offset of the whole image
     extra_noise_hu: float = 8.0       # added to the 12 HU of node.synth
-    lesion_contrast: float = 0.6     # fraction of the lesion's contrast that remains
+    lesion_contrast: float = 0.4     # fraction of the lesion's contrast that remains
     texture_hu: float = 5.0          # speckle inside lesions
 
 
