@@ -3,7 +3,8 @@ regression set.
 
 Family A is what the reference model was trained on: ``node.synth`` phantoms as they come
 (12 HU noise, lesions 60-120 HU from soft tissue). Family B is another scanner and
-protocol: thicker slices, a calibration offset, more noise and fainter, textured lesions.
+protocol: 3 mm slices, 1.5 mm pixels, more noise, and fainter (40 % of the contrast),
+textured lesions of 8-13 mm radius (``offset_hu`` can add a calibration offset too).
 B is made from the same phantom geometry, so its ground truth is synth's own lesion mask.
 Everything is deterministic in the seed.
 """
