@@ -123,8 +123,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from node.inference.service import save_prediction
     from node.inference.volume import load_volume
 
+    from node.finetune.registry import active_model_settings
+
     settings = _settings(args)
-    models = {m.name: m for m in settings.models}
+    models = {m.name: m for m in active_model_settings(settings)}
     if args.model not in models:
         print(f"infer: no model named {args.model!r}; configured: {sorted(models)}",
               file=sys.stderr)
@@ -201,10 +203,19 @@ def cmd_models_list(args: argparse.Namespace) -> int:
                 loaded[name] = loaded.get(name, False) or bool(is_loaded)
         except (OSError, ValueError):
             continue
+    from node.finetune.registry import Registry, active_model_settings, registry_root
+
     rows = []
-    for m in settings.models:
+    for m in active_model_settings(settings):
+        registry = Registry(registry_root(settings), m.name)
+        active = registry.active()
         row: dict[str, Any] = {"name": m.name, "format": m.format, "path": str(m.path),
-                               "loaded": bool(loaded.get(m.name, False))}
+                               "loaded": bool(loaded.get(m.name, False)),
+                               "active_version": active.number if active else None,
+                               "versions": [{"number": v.number, "version": v.version,
+                                             "parent": v.meta.get("parent"),
+                                             "date": v.meta.get("date")}
+                                            for v in registry.versions()]}
         try:
             info = read_info(m)
             row.update(version=info.version, weights_sha256=info.weights_sha256,
@@ -217,8 +228,66 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         f"{r['name']:<16} {r['version'] or '?':<8} {r['format']:<13} "
         f"sha256 {(r['weights_sha256'] or '-')[:12]:<12} {r['device']:<6} "
         f"{'loaded' if r['loaded'] else 'not loaded'}"
-        + (f"  ERROR: {r['error']}" if r["error"] else "") for r in rows) or "(no models)"))
+        + (f"  ERROR: {r['error']}" if r["error"] else "")
+        + "".join(f"\n  {'*' if v['number'] == r['active_version'] else ' '} version "
+                  f"{v['number']}: {v['version']} (parent {v['parent']}, {v['date']})"
+                  for v in r["versions"]) for r in rows) or "(no models)"))
     return EXIT_OK if all(r["ok"] for r in rows) else EXIT_FAILED
+
+
+def cmd_models_rollback(args: argparse.Namespace) -> int:
+    from node.finetune.registry import Registry, registry_root
+
+    settings = _settings(args)
+    if args.name not in {m.name for m in settings.models}:
+        print(f"models rollback: no model named {args.name!r}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    registry = Registry(registry_root(settings), args.name)
+    before = registry.active()
+    now = registry.rollback(args.to)
+    _emit(args, {"model": args.name, "from": before.number if before else None,
+                 "active_version": now.number, "version": now.version},
+          lambda: print(f"{args.name}: active version {now.number} ({now.version}), was "
+                        f"{before.number if before else 'none'}; running workers pick it up "
+                        f"at their next job"))
+    return EXIT_OK
+
+
+def _progress_bar(done: int, total: int, text: str) -> None:
+    width = 30
+    filled = width * done // max(total, 1)
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {text}   ")
+    if done >= total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """harvest -> de-identify -> split -> train -> evaluate -> gate -> promote."""
+    from node.finetune.pipeline import run_finetune
+    from node.log import setup_logging
+
+    settings = _settings(args)
+    setup_logging("WARNING" if args.json else "INFO")
+    if args.model not in {m.name for m in settings.models}:
+        print(f"finetune: no model named {args.model!r}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    outcome = run_finetune(settings, args.model, rebuild_test_set=args.rebuild_test_set,
+                           progress=None if args.json else _progress_bar)
+    data = outcome.as_dict()
+
+    def human() -> None:
+        print(f"{outcome.model}: {outcome.status.upper()}; active version "
+              f"{outcome.active_version} ({outcome.active_version_name})")
+        for reason in outcome.reasons:
+            print(f"  {reason}")
+        print(f"  pairs: {outcome.split}; {outcome.new_pairs} not trained on before; "
+              f"{outcome.ignored_automatic} AI-made SEG(s) ignored")
+        for uid, reason in outcome.refused:
+            print(f"  refused {uid}: {reason}")
+
+    _emit(args, data, human)
+    return EXIT_OK if outcome.status != "kept" else EXIT_FAILED
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
@@ -378,6 +447,19 @@ def build_parser() -> argparse.ArgumentParser:
     msub = p.add_subparsers(dest="action", required=True)
     m = msub.add_parser("list", parents=[common])
     m.set_defaults(func=cmd_models_list)
+    m = msub.add_parser("rollback", parents=[common],
+                        help="make the active version's parent (or --to N) active again")
+    m.add_argument("name")
+    m.add_argument("--to", type=int, help="version number to activate")
+    m.set_defaults(func=cmd_models_rollback)
+
+    p = sub.add_parser("finetune", parents=[common],
+                       help="fine-tune a model on labelled local studies, promote if better")
+    p.add_argument("--model", required=True)
+    p.add_argument("--rebuild-test-set", action="store_true",
+                   help="draw a new locked test set (metrics are then not comparable with "
+                   "earlier versions')")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("synth", parents=[common], help="write a synthetic study")
     p.add_argument("--modality", choices=["CT", "MR"], default="CT")

@@ -301,6 +301,34 @@ class RouteSettings(_Section):
         return "run" if self.models else "forward" if self.destinations else "ignore"
 
 
+class FinetuneSettings(_Section):
+    """Fine-tuning on local labelled studies (node/finetune); see README "Fine-tuning"."""
+
+    store: Path | None = None              # de-identified training store; default var/training
+    registry: Path | None = None           # model versions; default var/models
+    secret_file: Path | None = None        # HMAC key for pseudonyms; default var/deid.key
+    retain_dates: bool = True              # PS3.15 Retain Longitudinal ... Modified Dates
+    min_new_pairs: Annotated[int, Field(ge=1)] = 5
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 1e-3
+    epochs: Annotated[int, Field(ge=1, le=10000)] = 20
+    steps_per_epoch: Annotated[int, Field(ge=1)] = 50
+    batch_size: Annotated[int, Field(ge=1, le=64)] = 2
+    patch_size: tuple[int, int, int] = (32, 64, 64)
+    patience: Annotated[int, Field(ge=1)] = 5
+    trainable: Literal["all", "head"] = "all"
+    augment: bool = True
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:[0-9]+)$")] = "auto"
+    threads: Annotated[int, Field(ge=0, le=256)] = 0   # CPU threads for torch; 0 = default
+    seed: Annotated[int, Field(ge=0)] = 0
+    min_improvement: Annotated[float, Field(ge=0, le=1)] = 0.02
+    regression_margin: Annotated[float, Field(ge=0, le=1)] = 0.02
+    regression_phantoms: Annotated[int, Field(ge=1, le=100)] = 4
+    replay_phantoms: Annotated[int, Field(ge=0, le=100)] = 2   # original domain in training
+    regression_shape: tuple[int, int, int] = (48, 96, 96)
+
+
 class Settings(_Section):
     include: tuple[Path, ...] = ()
     node: NodeSettings = NodeSettings()
@@ -314,6 +342,7 @@ class Settings(_Section):
     sources: tuple[SourceSettings, ...] = ()
     models: tuple[ModelSettings, ...] = ()
     routes: tuple[RouteSettings, ...] = ()
+    finetune: FinetuneSettings = FinetuneSettings()
     source_file: Path | None = None
 
     @model_validator(mode="after")
@@ -410,6 +439,7 @@ def _known_keys() -> list[str]:
         Settings, NodeSettings, StorageSettings, HttpSettings, AssemblySettings, JobSettings,
         AllowedCaller, DestinationSettings, SourceSettings, ModelSettings, RouteSettings,
         TlsSettings, ClassSettings, CodeSettings, ScheduleSettings, RetentionSettings,
+        FinetuneSettings,
     ]
     return sorted({key for model in sections for key in model.model_fields})
 
@@ -430,7 +460,8 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
             rel = db.removeprefix("sqlite:///")
             if rel and rel != ":memory:":
                 storage["database"] = "sqlite:///" + str((base / rel).resolve())
-    for section, keys in (("http", ("token_file", "stow_token_file")),):
+    for section, keys in (("http", ("token_file", "stow_token_file")),
+                          ("finetune", ("store", "registry", "secret_file"))):
         table = raw.get(section)
         if isinstance(table, dict):
             for key in keys:

@@ -235,6 +235,36 @@ def _dicom_code(entry: Any, where: str) -> tuple[str, str, str]:
                          f"got {entry!r}") from None
 
 
+def build_network(info: ModelInfo, fmt: str = "monai_bundle") -> torch.nn.Module:
+    """The model's network with its weights, on the CPU (TorchScript file or bundle)."""
+    weights = info.weights
+    if weights.suffix == ".ts" or fmt == "torchscript":
+        scripted: torch.nn.Module = torch.jit.load(  # type: ignore[no-untyped-call]  # torch stub
+            str(weights), map_location="cpu")
+        return scripted
+    from monai.bundle.config_parser import ConfigParser
+
+    config = info.path / "configs" / "inference.json"
+    if not config.is_file():
+        raise ModelError(f"model {info.name}: {config} is missing")
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    try:
+        network = parser.get_parsed_content("network_def")
+    except Exception as exc:  # noqa: BLE001  ConfigParser raises many kinds
+        raise ModelError(f"model {info.name}: cannot build network_def from "
+                         f"{config}: {exc}") from exc
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelError(f"model {info.name}: {weights} does not fit the network "
+                         f"of {config}: {exc}") from exc
+    if not isinstance(network, torch.nn.Module):
+        raise ModelError(f"model {info.name}: network_def is not a torch module")
+    return network
+
+
 class TorchRunner:
     """A MONAI bundle (network_def + model.pt, or model.ts) or a TorchScript file."""
 
@@ -262,32 +292,7 @@ class TorchRunner:
                          self.info.version, self.device, time.monotonic() - start)
 
     def _build(self) -> torch.nn.Module:
-        weights = self.info.weights
-        if weights.suffix == ".ts" or self.settings.format == "torchscript":
-            scripted: torch.nn.Module = torch.jit.load(  # type: ignore[no-untyped-call]  # torch stub
-                str(weights), map_location="cpu")
-            return scripted
-        from monai.bundle.config_parser import ConfigParser
-
-        config = self.info.path / "configs" / "inference.json"
-        if not config.is_file():
-            raise ModelError(f"model {self.info.name}: {config} is missing")
-        parser = ConfigParser()
-        parser.read_config(str(config))
-        try:
-            network = parser.get_parsed_content("network_def")
-        except Exception as exc:  # noqa: BLE001  ConfigParser raises many kinds
-            raise ModelError(f"model {self.info.name}: cannot build network_def from "
-                             f"{config}: {exc}") from exc
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        try:
-            network.load_state_dict(state)
-        except RuntimeError as exc:
-            raise ModelError(f"model {self.info.name}: {weights} does not fit the network "
-                             f"of {config}: {exc}") from exc
-        if not isinstance(network, torch.nn.Module):
-            raise ModelError(f"model {self.info.name}: network_def is not a torch module")
-        return network
+        return build_network(self.info, self.settings.format)
 
     def predict(self, volume: Volume) -> Prediction:
         self.load()
@@ -400,6 +405,16 @@ class ModelPool:
                 self._runners[name] = make_runner(settings)
                 self._gates[name] = threading.Semaphore(settings.max_concurrency)
             return self._runners[name]
+
+    def update(self, models: dict[str, ModelSettings]) -> list[str]:
+        """Take new settings (e.g. a newly promoted model version); a model whose settings
+        changed is reloaded on next use. Returns the names of those models."""
+        with self._lock:
+            changed = [n for n, m in models.items() if self._settings.get(n) != m]
+            for name in changed:
+                self._runners.pop(name, None)
+            self._settings = dict(models)
+        return changed
 
     def predict(self, name: str, volume: Volume) -> Prediction:
         runner = self.runner(name)

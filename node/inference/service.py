@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from node.audit import NO_AUDIT, AuditLog
 from node.db import JobRow, make_engine
 from node.errors import ModelError
+from node.finetune.registry import active_model_settings
 from node.forward import deliver, job_files
 from node.inference.runner import ModelInfo, ModelPool, Prediction
 from node.inference.volume import Volume, load_volume
@@ -129,6 +130,11 @@ def make_infer_handler(engine: Any, current: Callable[[], Settings], pool: Model
                        audit: AuditLog = NO_AUDIT) -> JobHandler:
     def handle(job: Job, store: JobStore) -> None:
         settings = current()
+        served = set(pool.loaded())
+        changed = pool.update({m.name: m for m in active_model_settings(settings)
+                               if m.name in served})
+        if changed:
+            log.info("model(s) %s: a new version is active; reloading", ", ".join(changed))
         out_dir = results_root(settings) / f"job-{job.id}"
         if not (job.step or "").startswith("encoded"):
             saved = _predict_and_encode(engine, settings, pool, job, out_dir)
@@ -216,7 +222,8 @@ class WorkerNode:
         self.engine = make_engine(settings.storage.database)
         self.jobs = JobStore(self.engine, settings.jobs)
         models = [m for m in settings.models if device is None or m.device == device]
-        self.pool = ModelPool({m.name: m for m in models})
+        active = {m.name: m for m in active_model_settings(settings)}
+        self.pool = ModelPool({m.name: active[m.name] for m in models})
         self.queues = {device} if device is not None else None
         audit = AuditLog(settings.storage.audit_log)
         self.runner = JobRunner(self.jobs, {"infer": make_infer_handler(

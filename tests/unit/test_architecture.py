@@ -14,6 +14,7 @@ ALLOWED = {
     "app.py": {"adapters", "pynetdicom", "dicomweb_client", "apscheduler"},
     "cli.py": {"adapters", "pynetdicom", "dicomweb_client", "apscheduler"},
     "inference": {"torch", "monai"},
+    "finetune": {"torch", "monai"},     # training, evaluation; never on the receiver path
     "schedule.py": {"apscheduler"},
 }
 
@@ -52,7 +53,8 @@ def test_receiver_path_never_imports_torch() -> None:
     import subprocess
     import sys
     code = ("import sys, node.app, node.cli, adapters.dimse; "
-            "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'monai', 'node.finetune.pipeline') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          check=True).stdout.strip()
     assert out == "[]"
@@ -80,3 +82,15 @@ def test_a_running_receiver_with_models_configured_never_imports_torch(tmp_path:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+def test_finetune_entry_points_and_registry_import_no_torch() -> None:
+    """The worker and the CLI resolve active model versions through the registry, and the
+    scheduler imports ``node.finetune.nightly``: neither may pull torch in by itself."""
+    import subprocess
+    import sys
+    code = ("import sys, node.finetune, node.finetune.registry, node.finetune.deid; "
+            "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         check=True).stdout.strip()
+    assert out == "[]"
