@@ -41,7 +41,13 @@ from node.intake import Intake
 from node.metrics import Metrics
 from node.part10 import file_header
 from node.ports import SendReport
-from node.settings import AllowedCaller, DestinationSettings, NodeSettings, TlsSettings
+from node.settings import (
+    AllowedCaller,
+    DestinationSettings,
+    NodeSettings,
+    SourceSettings,
+    TlsSettings,
+)
 from node.transcode import convert_file
 
 log = logging.getLogger(__name__)
@@ -141,9 +147,9 @@ def server_tls(settings: TlsSettings | None) -> ssl.SSLContext | None:
     return context
 
 
-def client_tls(destination: DestinationSettings) -> ssl.SSLContext:
-    """TLS to a destination: its certificate is always verified (against ca_file when
-    given, else the system store); our own certificate when the peer asks for one."""
+def client_tls(destination: DestinationSettings | SourceSettings) -> ssl.SSLContext:
+    """TLS to a destination or source: its certificate is always verified (against
+    ca_file when given, else the system store); our own certificate when the peer asks."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
                                          cafile=str(destination.ca_file)
                                          if destination.ca_file else None)

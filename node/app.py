@@ -18,10 +18,10 @@ from types import FrameType
 
 from sqlalchemy import Engine
 
-from adapters.dicomweb import DicomwebSource
 from adapters.dimse import DimseReceiver
 from adapters.http import AdminServer
 from adapters.senders import AnySender
+from adapters.sources import AnySource
 from node.assembly import Assembly
 from node.audit import AuditLog
 from node.db import make_engine
@@ -110,7 +110,7 @@ class Node:
         self.stow = StowReceiver(self.intake, ae_title=settings.node.ae_title,
                                  on_released=self._released.put, metrics=self.metrics) \
             if settings.http.stow else None
-        self.puller = Puller(self.intake, self.engine, DicomwebSource(),
+        self.puller = Puller(self.intake, self.engine, AnySource(ae_title=settings.node.ae_title),
                              on_released=self._released.put, metrics=self.metrics,
                              ae_title=settings.node.ae_title)
         self.retention = Retention(self.engine, self.spool, settings.retention, lock=lock)
