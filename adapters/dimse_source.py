@@ -191,8 +191,11 @@ class DimseSource:
                 yield item
         finally:
             stop.set()
-            if worker.is_alive() and "assoc" in state:
-                state["assoc"].abort()                   # the consumer stopped early
+            if worker.is_alive() and "assoc" in state:      # the consumer stopped early
+                state["assoc"].abort()
+                # wake the C-GET from its wait for the next message (pynetdicom would
+                # otherwise wait out dimse_timeout on the closed association)
+                state["assoc"].dimse.msg_queue.put((None, None))
             worker.join(timeout=source.timeout_seconds)
         if "error" in state:
             raise state["error"]
@@ -232,7 +235,9 @@ def _refusal(assoc: Any, source: SourceSettings) -> str:
                 f"{answer.reason_str}); check ae_title and that the PACS knows our AE title")
     if answer is not None and getattr(answer, "result", None) == 0:
         return "accepted none of the proposed presentation contexts"
-    return (f"did not answer (connection refused, or no reply within "
+    handshake = ("the TLS handshake failed (is its certificate signed by ca_file?), "
+                 if source.tls else "")
+    return (f"did not answer (connection refused, {handshake}or no reply within "
             f"{source.timeout_seconds:g} s)")
 
 

@@ -149,3 +149,24 @@ def test_a_closed_port_is_a_source_error_naming_the_peer() -> None:
 def test_dimse_source_settings_name_what_is_wrong(keys: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SourceSettings(name="pacs", kind="dimse", **keys)
+
+
+def test_a_consumer_that_stops_early_aborts_the_c_get(
+        pacs: Callable[..., SourceSettings]) -> None:
+    datasets = list(small_series(40, seed=62).datasets)
+    sent: list[int] = []
+
+    def on_get(event: Any) -> Iterator[Any]:
+        yield len(datasets)
+        for ds in datasets:
+            sent.append(1)
+            yield 0xFF00, ds
+
+    source = pacs([(evt.EVT_C_GET, on_get)])
+    fetch = DimseSource().fetch_series(source, "1.2.3", "1.2.3.1")
+    first = next(fetch)
+    assert isinstance(first, bytes)
+    started = time.monotonic()
+    fetch.close()                        # e.g. the spool filled up: intake raised
+    assert time.monotonic() - started < 3
+    assert len(sent) < len(datasets)     # the PACS stopped sending: association aborted
