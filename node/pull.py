@@ -10,8 +10,9 @@ once its new series are fetched, which lets assembly's fast path complete it. A 
 is recorded only when every instance of it was stored, so a failure is retried at the
 next poll. Pulled instances carry the source's name as their CallingAETitle (first 16
 characters), so routes can tell them apart; those a DIMSE source sends by C-MOVE come in
-through the receiver and carry the PACS's AE title, like any C-STORE (the fetch then
-checks that the index holds as many instances as the PACS says it sent).
+through the receiver, which tags them so too (adapters/dimse.py: Move Originator = our
+AE title), and the fetch then checks that the index holds as many instances of the
+series as the PACS says it sent.
 """
 
 from __future__ import annotations

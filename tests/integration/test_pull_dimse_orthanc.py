@@ -87,7 +87,7 @@ def test_priors_arrive_by_c_move_to_the_nodes_own_scp(
         sources=[_dimse_source(pacs, retrieve="move", interval_seconds=3600)],
         routes=[{"name": "priors", "level": "study", "action": "fetch_priors",
                  "source": "pacs", "priors": 1,
-                 "match": {"Modality": "CT", "CallingAETitle": "STORESCU"}}],
+                 "match": {"Modality": "CT", "not": {"CallingAETitle": "pacs"}}}],
     ).start()
     patient, prior = upload_history(pacs, SPEC, 671)
 
@@ -108,8 +108,11 @@ def test_priors_arrive_by_c_move_to_the_nodes_own_scp(
     assert index.sop_uids() == wanted            # the latest prior only, not the others
     assert index._query("select study_instance_uid, instances from pulled_series") == [
         (prior.study_instance_uid, SPEC.slices)]
-    assert index.series(prior.series[0].series_instance_uid) is not None
-    assert len(index.jobs()) == 1                # the prior (from ORTHANC) did not match
+    # moved at our request (Move Originator = our AE title) from the source's PACS: the
+    # instances are tagged with the source's name, so the prior did not chase its priors
+    assert index._query("select calling_ae_title from series where series_instance_uid = ?",
+                        prior.series[0].series_instance_uid) == [("pacs",)]
+    assert len(index.jobs()) == 1
 
 
 def test_a_refused_association_is_a_source_error_and_nothing_is_pulled(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -170,3 +171,34 @@ def test_a_consumer_that_stops_early_aborts_the_c_get(
     fetch.close()                        # e.g. the spool filled up: intake raised
     assert time.monotonic() - started < 3
     assert len(sent) < len(datasets)     # the PACS stopped sending: association aborted
+
+
+def test_instances_moved_at_our_request_carry_the_source_name(tmp_path: Path) -> None:
+    from sqlalchemy import text
+
+    from adapters.dimse import DimseReceiver
+    from node.settings import NodeSettings
+    from tests.unit.helpers import Rig
+
+    rig = Rig(tmp_path)
+    receiver = DimseReceiver(NodeSettings(ae_title="PACSNODE", host="127.0.0.1",
+                                          port=free_port()), rig.intake,
+                             moved_from={"PACS": "archive"}.get)
+    receiver.start()
+    try:
+        moved, pushed = small_series(1, seed=63), small_series(1, seed=64)
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(moved.datasets[0].SOPClassUID)
+        assoc = ae.associate("127.0.0.1", receiver.port, ae_title="PACSNODE")
+        assert assoc.is_established
+        # a C-MOVE sub-operation for us (PS3.7 9.1.1.1), then an ordinary push
+        assert assoc.send_c_store(moved.datasets[0], originator_aet="PACSNODE",
+                                  originator_id=7).Status == 0
+        assert assoc.send_c_store(pushed.datasets[0]).Status == 0
+        assoc.release()
+    finally:
+        receiver.stop()
+    with rig.engine.connect() as conn:
+        tagged = dict(conn.execute(text(
+            "select series_instance_uid, calling_ae_title from series")).all())
+    assert tagged == {moved.series_instance_uid: "archive", pushed.series_instance_uid: "PACS"}
