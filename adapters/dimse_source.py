@@ -180,6 +180,10 @@ class DimseSource:
                                       f"sent, {state['stored']} arrived")
             except SourceError as exc:
                 state["error"] = exc
+            # anything else too: it must reach the consumer, never pass for "all sent"
+            except Exception as exc:
+                state["error"] = SourceError(f"{source.name}: C-GET failed: "
+                                             f"{type(exc).__name__}: {exc}")
             finally:
                 put(_DONE)
 
@@ -223,6 +227,8 @@ class DimseSource:
                 raise SourceError(f"{where} does not offer {wanted.name} (presentation "
                                   f"context refused)")
             yield assoc
+        except (ValueError, RuntimeError, OSError) as exc:    # pynetdicom's own complaints
+            raise SourceError(f"{where}: {type(exc).__name__}: {exc}") from exc
         finally:
             if assoc.is_established:
                 assoc.release()
