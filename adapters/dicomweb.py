@@ -144,7 +144,7 @@ class DicomwebSource:
         logging.getLogger("dicomweb_client.web").setLevel(logging.WARNING)
 
     def _client(self, source: SourceSettings) -> DICOMwebClient:
-        return DICOMwebClient(url=source.url, session=_session(source, SourceError),
+        return DICOMwebClient(url=str(source.url), session=_session(source, SourceError),
                               headers=_headers(source, SourceError),
                               timeout=source.timeout_seconds)
 

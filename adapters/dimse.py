@@ -8,6 +8,7 @@ why a peer was turned away.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import socket
@@ -41,7 +42,13 @@ from node.intake import Intake
 from node.metrics import Metrics
 from node.part10 import file_header
 from node.ports import SendReport
-from node.settings import AllowedCaller, DestinationSettings, NodeSettings, TlsSettings
+from node.settings import (
+    AllowedCaller,
+    DestinationSettings,
+    NodeSettings,
+    SourceSettings,
+    TlsSettings,
+)
 from node.transcode import convert_file
 
 log = logging.getLogger(__name__)
@@ -141,9 +148,9 @@ def server_tls(settings: TlsSettings | None) -> ssl.SSLContext | None:
     return context
 
 
-def client_tls(destination: DestinationSettings) -> ssl.SSLContext:
-    """TLS to a destination: its certificate is always verified (against ca_file when
-    given, else the system store); our own certificate when the peer asks for one."""
+def client_tls(destination: DestinationSettings | SourceSettings) -> ssl.SSLContext:
+    """TLS to a destination or source: its certificate is always verified (against
+    ca_file when given, else the system store); our own certificate when the peer asks."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
                                          cafile=str(destination.ca_file)
                                          if destination.ca_file else None)
@@ -163,10 +170,14 @@ class DimseReceiver:
         *,
         on_released: Callable[[set[str]], None] = lambda _: None,
         metrics: Metrics | None = None,
+        moved_from: Callable[[str], str | None] = lambda _: None,
     ) -> None:
+        """``moved_from``: the pull source (node/pull.py) whose PACS has this calling AE
+        title, if any; instances it sends for our own C-MOVE are tagged with its name."""
         self.settings = settings
         self.intake = intake
         self.on_released = on_released
+        self.moved_from = moved_from
         self.metrics = metrics or Metrics()
         self._series: dict[int, set[str]] = {}
         self._series_lock = threading.Lock()
@@ -231,6 +242,7 @@ class DimseReceiver:
         )
         request = event.request
         sop_uid = str(request.AffectedSOPInstanceUID)
+        peer = self._as_source(peer, request)
         data = file_header(
             str(request.AffectedSOPClassUID), sop_uid, str(event.context.transfer_syntax),
             source_ae_title=peer.calling_ae_title,
@@ -266,6 +278,16 @@ class DimseReceiver:
         self.metrics.inc("pacsnode_instances_received_total")
         self.metrics.inc("pacsnode_bytes_received_total", float(outcome.size))
         return StatusValues.SUCCESS
+
+    def _as_source(self, peer: AssociationInfo, request: Any) -> AssociationInfo:
+        """A C-STORE sub-operation of a C-MOVE this node asked for (its Move Originator AE
+        Title is ours, PS3.7 9.1.1.1) from a pull source's PACS carries the source's name
+        as calling AE title, like the instances a C-GET returns."""
+        originator = str(getattr(request, "MoveOriginatorApplicationEntityTitle", None) or "")
+        if originator.strip() != self.settings.ae_title:
+            return peer
+        name = self.moved_from(peer.calling_ae_title)
+        return dataclasses.replace(peer, calling_ae_title=name[:16]) if name else peer
 
     def _take_series(self, event: Any) -> set[str]:
         with self._series_lock:

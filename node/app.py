@@ -18,10 +18,10 @@ from types import FrameType
 
 from sqlalchemy import Engine
 
-from adapters.dicomweb import DicomwebSource
 from adapters.dimse import DimseReceiver
 from adapters.http import AdminServer
 from adapters.senders import AnySender
+from adapters.sources import AnySource
 from node.assembly import Assembly
 from node.audit import AuditLog
 from node.db import make_engine
@@ -105,12 +105,12 @@ class Node:
         self._released: queue.Queue[set[str]] = queue.Queue()
         self.metrics = Metrics()
         self.receiver = DimseReceiver(settings.node, self.intake, on_released=self._released.put,
-                                      metrics=self.metrics)
+                                      metrics=self.metrics, moved_from=self._moving_source)
         # STOW-RS: the end of a request counts as an association release (fast path)
         self.stow = StowReceiver(self.intake, ae_title=settings.node.ae_title,
                                  on_released=self._released.put, metrics=self.metrics) \
             if settings.http.stow else None
-        self.puller = Puller(self.intake, self.engine, DicomwebSource(),
+        self.puller = Puller(self.intake, self.engine, AnySource(ae_title=settings.node.ae_title),
                              on_released=self._released.put, metrics=self.metrics,
                              ae_title=settings.node.ae_title)
         self.retention = Retention(self.engine, self.spool, settings.retention, lock=lock)
@@ -160,6 +160,11 @@ class Node:
         if s.finetune_cron:
             tasks.append(Task("finetune-nightly", self._finetune_nightly, cron(s.finetune_cron)))
         return tasks
+
+    def _moving_source(self, calling_ae_title: str) -> str | None:
+        """The C-MOVE source (with the settings in force now) whose PACS is this caller."""
+        return next((s.name for s in self.settings.sources if s.kind == "dimse"
+                     and s.retrieve == "move" and s.ae_title == calling_ae_title), None)
 
     def _poll(self, name: str) -> None:
         """Poll a source by name, with the settings in force now (reload may change them)."""

@@ -73,4 +73,5 @@ class ResultError(PacsnodeError):
 
 
 class SourceError(PacsnodeError):
-    """A DICOMweb source cannot be queried or read (network, HTTP status, bad reply)."""
+    """A pull source (DICOMweb or DIMSE) cannot be queried or read: network, refused
+    association, HTTP or DIMSE failure status, bad reply."""

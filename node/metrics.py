@@ -36,7 +36,7 @@ _HELP = {
     "pacsnode_instances_received_total": "Instances stored by C-STORE or STOW-RS.",
     "pacsnode_bytes_received_total": "Bytes of instances stored (C-STORE, STOW-RS, pull).",
     "pacsnode_instances_refused_total": "Instances refused (C-STORE or STOW-RS), by status.",
-    "pacsnode_instances_pulled_total": "Instances fetched from DICOMweb sources, by source.",
+    "pacsnode_instances_pulled_total": "Instances fetched by pull (DICOMweb or DIMSE), by source.",
     "pacsnode_associations_total": "Associations accepted (result=accepted) or rejected.",
     "pacsnode_jobs": "Jobs in the job table by kind and state.",
     "pacsnode_queue_depth": "Claimable jobs waiting, by kind.",

@@ -30,7 +30,7 @@ class Sender(Protocol):
 
 @dataclass(frozen=True)
 class RemoteSeries:
-    """One series a source offers (a QIDO-RS answer)."""
+    """One series a source offers (a QIDO-RS or C-FIND answer)."""
 
     study_instance_uid: str
     series_instance_uid: str
@@ -38,16 +38,26 @@ class RemoteSeries:
     study_date: str | None = None   # YYYYMMDD
 
 
+@dataclass(frozen=True)
+class MovedInstances:
+    """Instances a source sent to the node's own Storage SCP (C-MOVE, PS3.4 C.4.2) instead
+    of returning them: they were stored through the receiver before this is yielded."""
+
+    count: int
+
+
 class StudySource(Protocol):
-    """An archive to pull from (QIDO-RS + WADO-RS); raises SourceError."""
+    """An archive to pull from (QIDO-RS + WADO-RS, or C-FIND + C-GET/C-MOVE); raises
+    SourceError."""
 
     def find_series(self, source: SourceSettings, *, since: date | None,
                     extra: Mapping[str, str] | None = None) -> list[RemoteSeries]:
-        """Series matching the source's filters (and ``extra`` QIDO-RS keys), of studies
+        """Series matching the source's filters (and ``extra`` query keys), of studies
         dated ``since`` or later."""
         ...
 
     def fetch_series(self, source: SourceSettings, study_instance_uid: str,
-                     series_instance_uid: str) -> Iterator[bytes]:
-        """The series' instances, each as a Part 10 byte string."""
+                     series_instance_uid: str) -> Iterator[bytes | MovedInstances]:
+        """The series' instances, each as a Part 10 byte string (or, after a C-MOVE, how
+        many the node's receiver got)."""
         ...

@@ -1,4 +1,4 @@
-"""Pull mode: fetch new series from DICOMweb sources into the spool, each only once.
+"""Pull mode: fetch new series from DICOMweb or DIMSE sources into the spool, each only once.
 
 Every poll asks the source (through the :class:`node.ports.StudySource` port) for the
 series of studies in the look-back window that match its filters, and fetches those it
@@ -9,7 +9,10 @@ study that gains a series later gets only the new series. Instances go through
 once its new series are fetched, which lets assembly's fast path complete it. A series
 is recorded only when every instance of it was stored, so a failure is retried at the
 next poll. Pulled instances carry the source's name as their CallingAETitle (first 16
-characters), so routes can tell them apart.
+characters), so routes can tell them apart; those a DIMSE source sends by C-MOVE come in
+through the receiver, which tags them so too (adapters/dimse.py: Move Originator = our
+AE title), and the fetch then checks that the index holds as many instances of the
+series as the PACS says it sent.
 """
 
 from __future__ import annotations
@@ -20,15 +23,15 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from urllib.parse import urlparse
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from node.db import PulledSeriesRow, StudyRow
+from node.db import InstanceRow, PulledSeriesRow, StudyRow
 from node.domain import AssociationInfo
 from node.errors import IntakeError, SourceError, StorageFullError
 from node.intake import Intake, utcnow
 from node.metrics import Metrics
-from node.ports import RemoteSeries, StudySource
+from node.ports import MovedInstances, RemoteSeries, StudySource
 from node.settings import SourceSettings
 
 log = logging.getLogger(__name__)
@@ -130,12 +133,16 @@ class Puller:
 
     def _fetch(self, source: SourceSettings, remote: RemoteSeries) -> tuple[int, int]:
         """Fetch one series into intake; record it when nothing was refused."""
+        address = source.host if source.kind == "dimse" else urlparse(str(source.url)).hostname
         peer = AssociationInfo(calling_ae_title=source.name[:16], called_ae_title=self.ae_title,
-                               address=urlparse(source.url).hostname or "")
+                               address=address or "")
         ok = bad = 0
         log.info("pull %s: fetching series %s", source.name, remote.series_instance_uid)
         for data in self.client.fetch_series(source, remote.study_instance_uid,
                                              remote.series_instance_uid):
+            if isinstance(data, MovedInstances):
+                ok += self._check_moved(source, remote, data.count)
+                continue
             try:
                 outcome = self.intake.store(data, peer=peer)
             except StorageFullError:
@@ -151,6 +158,19 @@ class Puller:
         if not bad:
             self._record(source, remote, ok)
         return ok, bad
+
+    def _check_moved(self, source: SourceSettings, remote: RemoteSeries, count: int) -> int:
+        """After a C-MOVE: the receiver stored the instances; make sure they are here (a
+        PACS that maps our AE title to another address reports success all the same)."""
+        with Session(self.engine) as session:
+            here = session.scalar(select(func.count()).select_from(InstanceRow).where(
+                InstanceRow.series_instance_uid == remote.series_instance_uid)) or 0
+        if here < count:
+            raise SourceError(f"{source.name}: C-MOVE of series {remote.series_instance_uid} "
+                              f"reported {count} instances sent, {here} are here; does the "
+                              f"PACS know this node's AE title with this address and port?")
+        self.metrics.inc("pacsnode_instances_pulled_total", float(count), source=source.name)
+        return count
 
     def _record(self, source: SourceSettings, remote: RemoteSeries, count: int) -> None:
         now = utcnow()

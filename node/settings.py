@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from pydicom.datadict import tag_for_keyword
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -161,24 +162,51 @@ class DestinationSettings(_Section):
 
 
 class SourceSettings(_Section):
-    """An archive the node pulls from (QIDO-RS + WADO-RS; see node/pull.py)."""
+    """An archive the node pulls from (see node/pull.py): QIDO-RS + WADO-RS (kind
+    "dicomweb"), or C-FIND + C-GET/C-MOVE (kind "dimse", adapters/dimse_source.py)."""
 
     name: Name
-    kind: Literal["dicomweb"]
-    url: str
+    kind: Literal["dicomweb", "dimse"]
+    url: str | None = None                  # dicomweb
     interval_seconds: Annotated[float, Field(gt=0)] = 60.0
     lookback_hours: Annotated[float, Field(ge=0)] = 24.0   # StudyDate window; 0 = no window
-    filters: dict[str, str] = Field(default_factory=dict)  # QIDO-RS query keys
-    token_file: Path | None = None          # bearer token
-    username: str | None = None             # HTTP basic auth, with password_file
+    filters: dict[str, str] = Field(default_factory=dict)  # QIDO-RS / C-FIND query keys
+    token_file: Path | None = None          # bearer token (dicomweb)
+    username: str | None = None             # HTTP basic auth, with password_file (dicomweb)
     password_file: Path | None = None
-    ca_file: Path | None = None             # CA for https
+    ca_file: Path | None = None             # CA for https, or for DICOM TLS (tls = true)
     timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    ae_title: AETitle | None = None         # dimse: the PACS's AE title
+    host: str | None = None                 # dimse
+    port: Port | None = None                # dimse
+    retrieve: Literal["get", "move"] = "get"   # dimse: C-GET, or C-MOVE to our own SCP
+    move_destination: AETitle | None = None    # dimse, move: our AE title at the PACS
+    tls: bool = False                       # dimse: DICOM TLS; the peer is always verified
+    cert_file: Path | None = None           # dimse: our client certificate (mutual TLS)
+    key_file: Path | None = None
 
     @model_validator(mode="after")
-    def _auth(self) -> SourceSettings:
+    def _fields_for_kind(self) -> SourceSettings:
+        if self.kind == "dimse":
+            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"the keys {', '.join(missing)} for kind = \"dimse\"")
+            http = [k for k in ("url", "token_file", "username", "password_file")
+                    if getattr(self, k) is not None]
+            if http:
+                raise ValueError(f"no {', '.join(http)} for kind = \"dimse\" (DICOMweb keys)")
+            unknown = [k for k in self.filters if not _is_keyword(k)]
+            if unknown:
+                raise ValueError(f"filters: DICOM keywords such as Modality for kind = "
+                                 f"\"dimse\", got {', '.join(map(repr, unknown))}")
+        elif self.url is None:
+            raise ValueError("the key url for kind = \"dicomweb\"")
         _check_http_auth(self.username, self.password_file, self.token_file)
         return self
+
+
+def _is_keyword(name: str) -> bool:
+    return tag_for_keyword(name) is not None
 
 
 class ScheduleSettings(_Section):

@@ -17,6 +17,20 @@ from tests.support import free_port, wait_for
 pytestmark = pytest.mark.integration
 
 
+def upload_history(orthanc: Any, spec: synth.SeriesSpec,
+                   seed: int) -> tuple[synth.PatientInfo, synth.SyntheticStudy]:
+    """A patient with two earlier studies at ``orthanc`` (the latest one is returned) and
+    a study of another patient, dated between them."""
+    patient = synth.make_patient(seed)
+    prior = synth.make_study(spec, patient=patient, seed=seed + 1)
+    older = synth.make_study(spec, patient=patient, seed=seed + 2)
+    stranger = synth.make_study(spec, seed=seed + 3)               # another patient
+    _upload(orthanc, list(prior.series[0].datasets), "20250101")
+    _upload(orthanc, list(older.series[0].datasets), "20240101")
+    _upload(orthanc, list(stranger.series[0].datasets), "20250601")
+    return patient, prior
+
+
 def test_a_route_fetches_the_most_recent_prior_of_the_same_patient(
         node_factory: Any, orthanc_factory: Any, tmp_path: Path) -> None:
     orthanc = orthanc_factory().start()
@@ -29,14 +43,8 @@ def test_a_route_fetches_the_most_recent_prior_of_the_same_patient(
                  "source": "archive", "priors": 1,
                  "match": {"Modality": "CT", "not": {"CallingAETitle": "archive"}}}],
     ).start()
-    patient = synth.make_patient(631)
     spec = synth.SeriesSpec(slices=3, rows=16, columns=16)
-    prior = synth.make_study(spec, patient=patient, seed=632)
-    older = synth.make_study(spec, patient=patient, seed=633)
-    stranger = synth.make_study(spec, seed=634)                  # another patient
-    _upload(orthanc, list(prior.series[0].datasets), "20250101")
-    _upload(orthanc, list(older.series[0].datasets), "20240101")
-    _upload(orthanc, list(stranger.series[0].datasets), "20250601")
+    patient, prior = upload_history(orthanc, spec, 631)
 
     current = synth.make_study(spec, patient=patient, seed=635)
     datasets = list(synth.iter_datasets(current))

@@ -41,6 +41,16 @@ def _fetch_lines(node: Any, start: int = 0) -> list[str]:
     return [line for line in node.log()[start:].splitlines() if "fetching series" in line]
 
 
+def assert_restart_fetches_nothing(node: Any, source: str, interval: float) -> None:
+    """Restart the node: its polls of ``source`` find everything already fetched."""
+    assert node.stop() == 0
+    mark = len(node.log())
+    node.start()
+    time.sleep(3 * interval)
+    assert f"scheduled poll:{source}" in node.log()[mark:]
+    assert _fetch_lines(node, mark) == []
+
+
 def test_pulled_study_is_routed_once_and_not_fetched_again_after_restart(
         dcmtk: None, node_factory: Any, orthanc_factory: Any, tmp_path: Path) -> None:
     orthanc = orthanc_factory().start()
@@ -99,12 +109,7 @@ def test_pulled_study_is_routed_once_and_not_fetched_again_after_restart(
     assert len(lines) == 1 and second.series_instance_uid in lines[0]
 
     # restart: the table remembers, nothing is fetched again
-    assert node.stop() == 0
-    mark = len(node.log())
-    node.start()
-    time.sleep(3 * INTERVAL)
-    assert "scheduled poll:archive" in node.log()[mark:]
-    assert _fetch_lines(node, mark) == []
+    assert_restart_fetches_nothing(node, "archive", INTERVAL)
     assert index.counts() == (1, 2, 68)
     rows = index._query("select series_instance_uid, instances from pulled_series "
                         "where source = 'archive' order by instances")

@@ -130,3 +130,44 @@ def test_dicomweb_over_https_verifies_the_certificate(
         assert refused.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in refused.stderr
     finally:
         server.shutdown()
+
+
+def test_a_dimse_source_queries_over_mutual_tls_and_verifies_the_pacs(pki: Path) -> None:
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated names
+        StudyRootQueryRetrieveInformationModelFind,
+    )
+
+    from adapters.dimse import server_tls
+    from adapters.dimse_source import DimseSource
+    from node.errors import SourceError
+    from node.settings import SourceSettings, TlsSettings
+
+    def on_find(event: Any) -> Any:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "SERIES"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3", "1.2.3.4"
+        yield 0xFF00, ds
+
+    ae = AE(ae_title="TLSPACS")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_FIND, on_find)],
+                             ssl_context=server_tls(TlsSettings(
+                                 cert_file=pki / "server.crt", key_file=pki / "server.key",
+                                 ca_file=pki / "ca.crt")))
+    try:
+        source = SourceSettings(name="pacs", kind="dimse", ae_title="TLSPACS",
+                                host="127.0.0.1", port=port, tls=True, timeout_seconds=5,
+                                ca_file=pki / "ca.crt", cert_file=pki / "client.crt",
+                                key_file=pki / "client.key")
+        found = DimseSource().find_series(source, since=None)
+        assert [r.series_instance_uid for r in found] == ["1.2.3.4"]
+        # a PACS whose certificate the configured CA did not sign is refused
+        wrong_ca = source.model_copy(update={"ca_file": pki / "client.crt"})
+        with pytest.raises(SourceError, match="TLS handshake failed"):
+            DimseSource().find_series(wrong_ca, since=None)
+    finally:
+        server.shutdown()

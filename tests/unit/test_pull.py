@@ -7,7 +7,9 @@ from datetime import date
 from pathlib import Path
 
 from node.errors import SourceError
-from node.ports import RemoteSeries
+from node.domain import AssociationInfo
+from node.intake import Intake
+from node.ports import MovedInstances, RemoteSeries
 from node.pull import Puller
 from node.settings import SourceSettings
 from tests.unit.helpers import Rig, encode, small_series
@@ -97,3 +99,39 @@ def test_fetch_priors_routes_name_a_configured_source() -> None:
     ok = Settings.model_validate({"routes": [{**route, "source": "archive", "priors": 2}],
                                   "sources": [SOURCE.model_dump()]})
     assert ok.routes[0].priors == 2
+
+
+class MovingSource(FolderSource):
+    """C-MOVE as the Puller sees it: the instances go to the node's receiver (here the
+    intake directly, when ``deliver``), and the fetch yields only how many were sent."""
+
+    def __init__(self, intake: Intake) -> None:
+        super().__init__()
+        self.intake = intake
+        self.deliver = True
+
+    def fetch_series(self, source: SourceSettings, study_instance_uid: str,
+                     series_instance_uid: str) -> Iterator[bytes | MovedInstances]:
+        self.fetches.append(series_instance_uid)
+        data = self.series[(study_instance_uid, series_instance_uid)]
+        if self.deliver:
+            for item in data:
+                self.intake.store(item, peer=AssociationInfo("ORTHANC", "PACSNODE", "::1"))
+        yield MovedInstances(len(data))
+
+
+def test_a_move_counts_as_fetched_only_when_the_instances_are_in_the_index(
+        tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    moving = MovingSource(rig.intake)
+    puller = Puller(rig.intake, rig.engine, moving)
+    _, series, _ = moving.add(3)
+    moving.deliver = False               # the PACS sent them to some other address
+    report = puller.poll(SOURCE)
+    assert report.fetched == 0 and report.error is not None
+    assert "reported 4 instances sent, 0 are here" in report.error
+    moving.deliver = True
+    report = puller.poll(SOURCE)         # retried, and now they arrive
+    assert (report.fetched, report.instances, report.error) == (1, 4, None)
+    assert puller.poll(SOURCE).fetched == 0
+    assert moving.fetches == [series, series]
