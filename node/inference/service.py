@@ -12,8 +12,10 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -31,8 +33,8 @@ from node.finetune.registry import active_model_settings
 from node.forward import deliver, job_files
 from node.inference.runner import ModelInfo, ModelPool, Prediction
 from node.inference.volume import Volume, load_volume
-from node.notify import notify
 from node.jobs import Job, JobHandler, JobRunner, JobStateValues, JobStore
+from node.notify import notify
 from node.ports import Sender
 from node.results.seg import build_seg
 from node.results.sr import build_sr
@@ -137,12 +139,15 @@ def make_infer_handler(engine: Any, current: Callable[[], Settings], pool: Model
             log.info("model(s) %s: a new version is active; reloading", ", ".join(changed))
         out_dir = results_root(settings) / f"job-{job.id}"
         if not (job.step or "").startswith("encoded"):
-            saved = _predict_and_encode(engine, settings, pool, job, out_dir)
+            started = datetime.now(UTC)
+            saved, seconds = _predict_and_encode(engine, settings, pool, job, out_dir)
             audit.write("inferred", job.study_instance_uid, job=job.id,
                         series_instance_uid=job.series_instance_uid,
                         model=job.payload.get("model"),
                         volume_mm3={str(k): round(v, 1) for k, v in saved.volume_mm3.items()},
-                        results=[p.name for p in sorted(out_dir.glob("*.dcm"))])
+                        results=[p.name for p in sorted(out_dir.glob("*.dcm"))],
+                        started=started.isoformat(timespec="milliseconds"),
+                        seconds={k: round(v, 3) for k, v in seconds.items()})
             on_predicted()
             store.advance(job.id, JobStateValues.ENCODED, step="encoded;")
             job = store.get(job.id)
@@ -157,14 +162,23 @@ def make_infer_handler(engine: Any, current: Callable[[], Settings], pool: Model
 
 
 def _predict_and_encode(engine: Any, settings: Settings, pool: ModelPool, job: Job,
-                        out_dir: Path) -> SavedPrediction:
+                        out_dir: Path) -> tuple[SavedPrediction, dict[str, float]]:
+    """Predict and write SEG/SR; also returns the seconds each stage took (the audit log
+    and bench/latency.py read them): ``volume`` (read and stack the files), ``predict``
+    (model call, including a load if the model was not resident), ``encode`` (save the
+    arrays, build and write SEG and SR)."""
     model = str(job.payload.get("model", ""))
+    clock = time.perf_counter()
     if job.series_instance_uid is None:
         raise ModelError(f"route {job.route} runs {model} on a whole study; give the route "
                          f"a select block so the model gets one series")
     files = job_files(engine, settings.storage.spool, job)
     volume = load_volume(files, series_instance_uid=job.series_instance_uid)
+    seconds = {"volume": time.perf_counter() - clock}
+    clock = time.perf_counter()
     prediction = pool.predict(model, volume)
+    seconds["predict"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     saved = save_prediction(out_dir, prediction, volume)
     log.info("job %d: %s %s on %s in %.2f s: %s", job.id, prediction.model,
              prediction.version, prediction.device, prediction.seconds,
@@ -175,7 +189,8 @@ def _predict_and_encode(engine: Any, settings: Settings, pool: ModelPool, job: J
     ordered = [by_uid[uid] for uid in dict.fromkeys(volume.sop_instance_uids)]
     encode_results(job, prediction, volume, ordered, pool.runner(model).info, out_dir,
                    predecessor=_previous_sr(engine, settings, job))
-    return saved
+    seconds["encode"] = time.perf_counter() - clock
+    return saved, seconds
 
 
 def _classes_text(prediction: Prediction) -> str:

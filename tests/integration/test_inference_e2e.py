@@ -68,6 +68,10 @@ def test_routed_ct_is_inferred_by_the_worker_process(
               (node.config.parent / "var" / "audit.jsonl").read_text().splitlines()]
     kinds = [e["event"] for e in events]
     assert {"received", "routed", "inferred", "delivered"} <= set(kinds)
+    inferred = next(e for e in events if e["event"] == "inferred")
+    assert set(inferred["seconds"]) == {"volume", "predict", "encode"}
+    assert all(0 <= v < 120 for v in inferred["seconds"].values())
+    assert inferred["started"] <= inferred["time"]
     received = next(e for e in events if e["event"] == "received")
     assert received["patient_id"] == patient.patient_id
     assert received["patient_name"] == patient.patient_name
