@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import queue
@@ -69,6 +70,25 @@ def stow_token(settings: Settings) -> str | None:
         return path.read_text().strip() or None
     except OSError as exc:
         raise ConfigError(f"http.stow_token_file {path}: cannot read ({exc.strerror})") from exc
+
+
+def wake_workers(spool: Path) -> None:
+    """Tell the worker processes that new jobs may be waiting, so a job starts at once
+    instead of at their next poll of the job table. Workers announce themselves in
+    ``<spool>/.worker-status*.json``; the signal (SIGUSR1) goes only to a live process
+    that is a pacsnode worker, never to whatever reused a stale pid."""
+    for status in spool.glob(".worker-status*.json"):
+        try:
+            pid = int(json.loads(status.read_text())["pid"])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        ours = any(a == b"node.cli" or a.rsplit(b"/", 1)[-1] == b"pacsnode" for a in cmdline)
+        if ours and b"worker" in cmdline:
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except OSError:
+                pass
 
 
 def pid_file(settings: Settings) -> Path:
@@ -291,6 +311,7 @@ class Node:
                 continue
             if done:
                 self.runner.wake()
+                wake_workers(self.settings.storage.spool)
 
     def serve_forever(self) -> None:
         """Run until SIGTERM or SIGINT."""

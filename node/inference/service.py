@@ -253,6 +253,8 @@ class WorkerNode:
 
         signal.signal(signal.SIGTERM, _signal)
         signal.signal(signal.SIGINT, _signal)
+        # the receiver's nudge when it has queued work (node/app.py wake_workers)
+        signal.signal(signal.SIGUSR1, lambda _s, _f: self.runner.wake())
         self.settings.storage.spool.mkdir(parents=True, exist_ok=True)
         self.jobs.recover(kinds={"infer"}, queues=self.queues)   # only this worker's queue
         write_status(self.settings, self.pool, self.device)
