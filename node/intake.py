@@ -99,7 +99,12 @@ class Intake:
         expected_sop_class_uid: str | None = None,
     ) -> StoreOutcome:
         """Store one Part 10 byte string. Raises an IntakeError subclass on failure."""
-        writing = self._writers.submit(self.spool.stage, data)
+        # The writer runs while this thread parses the header, but it needs the GIL to get
+        # going, which parsing would hold: wait until its write is done and only the
+        # fsync (which releases the GIL) is left, then parse beside the fsync.
+        fsyncing = threading.Event()
+        writing = self._writers.submit(self._stage, data, fsyncing)
+        fsyncing.wait()
         try:
             header = read_header(data)
             _check_request(header, expected_sop_instance_uid, expected_sop_class_uid)
@@ -114,6 +119,12 @@ class Intake:
             return self._commit(header, staged, peer)
         finally:
             self.spool.discard(staged)
+
+    def _stage(self, data: bytes, fsyncing: threading.Event) -> StagedFile:
+        try:
+            return self.spool.stage(data, before_fsync=fsyncing.set)
+        finally:
+            fsyncing.set()
 
     def _commit(
         self, header: InstanceHeader, staged: StagedFile, peer: AssociationInfo | None
