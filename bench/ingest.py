@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -67,6 +68,13 @@ class Run:
     seconds: float
     instances: int
     nbytes: int
+    cpu_seconds: float  # the receiver's user + system time during the send
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and of its children it has reaped."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 class Receiver:
@@ -211,14 +219,16 @@ def measure(name: str, files: Sequence[Path], nbytes: int, args: argparse.Namesp
     receiver = starters[name](work)
     try:
         os.sync()  # start every receiver with no dirty pages left by the previous one
+        cpu = cpu_seconds(receiver.pid)
         seconds = send(receiver, files, args.parallel, work)
+        cpu = cpu_seconds(receiver.pid) - cpu
         held = receiver.count()
         if held != len(files):
             raise RuntimeError(f"{name} holds {held} instance(s) after the send, "
                                f"expected {len(files)}; see {work}")
     finally:
         receiver.stop()
-    return Run(name, seconds, len(files), nbytes)
+    return Run(name, seconds, len(files), nbytes, cpu)
 
 
 def table(runs: Sequence[Run], receivers: Sequence[str]) -> str:
@@ -231,12 +241,14 @@ def table(runs: Sequence[Run], receivers: Sequence[str]) -> str:
     def ratio(name: str, ref: str) -> str:
         return f"{rate[name] / rate[ref]:.2f}" if ref in rate else "—"
 
-    lines = ["| receiver | seconds | instances/s | MB/s | × Orthanc | × storescp |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| receiver | seconds | instances/s | MB/s | × Orthanc | × storescp "
+             "| receiver CPU ms/instance |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in best.items():
+        cpu = statistics.median(x.cpu_seconds for x in runs if x.receiver == name)
         lines.append(f"| {name} | {r.seconds:.2f} | {rate[name]:.1f} | "
                      f"{r.nbytes / r.seconds / 1e6:.1f} | {ratio(name, 'orthanc')} | "
-                     f"{ratio(name, 'storescp')} |")
+                     f"{ratio(name, 'storescp')} | {cpu / r.instances * 1e3:.2f} |")
     return "\n".join(lines)
 
 
@@ -260,7 +272,8 @@ def report(args: argparse.Namespace, runs: Sequence[Run], nbytes: int, temp: Pat
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     senders = f"{args.parallel} storescu processes" if args.parallel > 1 else "1 storescu"
     storescp_mode = "normal (parse + re-encode)" if args.storescp_normal else "+B bit-preserving"
-    detail = "; ".join(f"{r.receiver} {r.seconds:.2f} s" for r in runs)
+    detail = "; ".join(f"{r.receiver} {r.seconds:.2f} s (CPU {r.cpu_seconds:.2f} s)"
+                       for r in runs)
     return "\n".join([
         (f"## {now}: {args.slices} × {args.size}×{args.size} CT, {senders}, "
          f"median of {args.repeat}"),
