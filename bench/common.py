@@ -48,7 +48,9 @@ def machine() -> str:
 def revision() -> str:
     """``pacsnode <short hash>``, marked when the working tree has uncommitted changes."""
     rev = first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"],
+    # The results file itself does not count: every run before this one appended to it.
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", ".",
+                            ":!bench/RESULTS.md"],
                            check=False, capture_output=True, text=True).stdout.strip()
     return f"pacsnode {rev}{' (uncommitted changes)' if dirty else ''}"
 
