@@ -28,8 +28,10 @@ from pynetdicom import (
     _config,
     evt,
 )
+from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated names
 
+from adapters.reactor import WakingRequestHandler
 from node.domain import AssociationInfo
 from node.errors import (
     DatasetMismatchError,
@@ -214,9 +216,16 @@ class DimseReceiver:
         ]
         ae = self.build_ae()
         self._ae = ae
-        self._server = ae.start_server((self.settings.host, self.settings.port), block=False,
-                                       evt_handlers=handlers,
-                                       ssl_context=server_tls(self.settings.tls))
+        # pynetdicom's start_server, with a connection handler whose associations wake
+        # on work instead of polling (adapters/reactor.py).
+        server = ae.make_server((self.settings.host, self.settings.port),
+                                evt_handlers=handlers, ssl_context=server_tls(self.settings.tls),
+                                server_class=ThreadedAssociationServer,
+                                request_handler=WakingRequestHandler)
+        ae._servers.append(server)  # as start_server does: AE.shutdown() stops it too
+        threading.Thread(target=server.serve_forever, name="dicom-listener",
+                         daemon=True).start()
+        self._server = server
         # Accepted sockets inherit TCP_NODELAY from the listening socket on Linux.
         self._server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         log.info("DICOM listener %s on %s:%d%s", self.settings.ae_title, self.settings.host,

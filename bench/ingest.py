@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import platform
-import shlex
 import shutil
+import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import tomllib
@@ -40,10 +42,17 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.common import (
+    RESULTS,
+    append_results,
+    command_line,
+    first_line,
+    machine,
+    revision,
+)
 from node.synth import SeriesSpec, make_study, write_study
 from tests.support import (
     TCP_ENV,
-    NodeProcess,
     Orthanc,
     free_port,
     wait_port,
@@ -51,14 +60,6 @@ from tests.support import (
 )
 
 RECEIVERS = ("storescp", "orthanc", "pacsnode")
-RESULTS = ROOT / "bench" / "RESULTS.md"
-RESULTS_HEADER = """\
-# Benchmark results
-
-Figures below are appended by the scripts in this folder (see README.md), one section
-per run, with the machine, the date (UTC) and the exact command. Do not edit them by
-hand; compare only figures measured in the same run.
-"""
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,13 @@ class Run:
     seconds: float
     instances: int
     nbytes: int
+    cpu_seconds: float  # the receiver's user + system time during the send
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and of its children it has reaped."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 class Receiver:
@@ -129,27 +137,44 @@ def start_orthanc(work: Path) -> Receiver:
                     orthanc.proc.pid)
 
 
-def start_pacsnode(work: Path) -> Receiver:
+def start_pacsnode(work: Path, tree: Path = ROOT, name: str = "pacsnode") -> Receiver:
+    """``pacsnode serve`` from the source tree ``tree`` (this checkout, or --baseline's)."""
     config = write_config(work)
     port = int(tomllib.loads(config.read_text())["node"]["port"])
-    node = NodeProcess(config, port)
+    env = {**TCP_ENV, "PYTHONPATH": str(tree)}
+    log = (work / "node.log").open("ab")
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "-c", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tree)
+
+    def stop() -> None:
+        _terminate(proc)
+        log.close()
+
     try:
-        node.start()
+        wait_port(port, proc=proc)
     except BaseException:
-        node.stop()
+        stop()
         raise
-    assert node.proc is not None
 
     def count() -> int:
         out = subprocess.run(
             [sys.executable, "-m", "node.cli", "studies", "list", "--json", "-c", str(config)],
-            capture_output=True, text=True, cwd=ROOT, check=True, timeout=120)
+            capture_output=True, text=True, cwd=tree, env=env, check=True, timeout=120)
         return sum(int(s["instances"]) for s in json.loads(out.stdout))
 
-    def stop() -> None:
-        node.stop()
+    return Receiver(name, "PACSNODE", port, count, stop, proc.pid)
 
-    return Receiver("pacsnode", "PACSNODE", port, count, stop, node.proc.pid)
+
+def export_revision(rev: str, dest: Path) -> str:
+    """Write the files of git revision ``rev`` to ``dest``; returns its short hash."""
+    short = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", f"{rev}^{{commit}}"],
+                           check=True, capture_output=True, text=True).stdout.strip()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", short],
+                             check=True, capture_output=True).stdout
+    dest.mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest, filter="data")
+    return short
 
 
 def send(receiver: Receiver, files: Sequence[Path], parallel: int, work: Path) -> float:
@@ -188,17 +213,22 @@ def measure(name: str, files: Sequence[Path], nbytes: int, args: argparse.Namesp
         "orthanc": start_orthanc,
         "pacsnode": start_pacsnode,
     }
+    if args.baseline_tree is not None:
+        starters[args.baseline_name] = lambda w: start_pacsnode(w, args.baseline_tree,
+                                                                args.baseline_name)
     receiver = starters[name](work)
     try:
         os.sync()  # start every receiver with no dirty pages left by the previous one
+        cpu = cpu_seconds(receiver.pid)
         seconds = send(receiver, files, args.parallel, work)
+        cpu = cpu_seconds(receiver.pid) - cpu
         held = receiver.count()
         if held != len(files):
             raise RuntimeError(f"{name} holds {held} instance(s) after the send, "
                                f"expected {len(files)}; see {work}")
     finally:
         receiver.stop()
-    return Run(name, seconds, len(files), nbytes)
+    return Run(name, seconds, len(files), nbytes, cpu)
 
 
 def table(runs: Sequence[Run], receivers: Sequence[str]) -> str:
@@ -211,43 +241,24 @@ def table(runs: Sequence[Run], receivers: Sequence[str]) -> str:
     def ratio(name: str, ref: str) -> str:
         return f"{rate[name] / rate[ref]:.2f}" if ref in rate else "—"
 
-    lines = ["| receiver | seconds | instances/s | MB/s | × Orthanc | × storescp |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| receiver | seconds | instances/s | MB/s | × Orthanc | × storescp "
+             "| receiver CPU ms/instance |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in best.items():
+        cpu = statistics.median(x.cpu_seconds for x in runs if x.receiver == name)
         lines.append(f"| {name} | {r.seconds:.2f} | {rate[name]:.1f} | "
                      f"{r.nbytes / r.seconds / 1e6:.1f} | {ratio(name, 'orthanc')} | "
-                     f"{ratio(name, 'storescp')} |")
+                     f"{ratio(name, 'storescp')} | {cpu / r.instances * 1e3:.2f} |")
     return "\n".join(lines)
 
 
-def _first_line(cmd: Sequence[str]) -> str:
-    try:
-        out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    lines = (out.stdout or out.stderr).strip().splitlines()
-    return lines[0].strip() if lines else "?"
-
-
-def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines()
-                  if ln.startswith("model name")), platform.processor() or "?")
-    mem_kb = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
-                  if ln.startswith("MemTotal"))
-    return (f"nproc {os.cpu_count()}, CPU {model}, memory {mem_kb / 1024 ** 2:.1f} GiB, "
-            f"kernel {platform.release()}")
-
-
-def versions() -> str:
-    rev = _first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"],
-                           check=False, capture_output=True, text=True).stdout.strip()
+def versions(args: argparse.Namespace) -> str:
     import pynetdicom
-    return (f"{_first_line(['storescu', '--version']).strip('$ ')}; "
-            f"{_first_line(['Orthanc', '--version'])}; pacsnode {rev}"
-            f"{' (uncommitted changes)' if dirty else ''}, Python {platform.python_version()}, "
-            f"pynetdicom {pynetdicom.__version__}")
+    baseline = (f"; baseline {args.baseline_name} (git archive of that commit)"
+                if args.baseline else "")
+    return (f"{first_line(['storescu', '--version']).strip('$ ')}; "
+            f"{first_line(['Orthanc', '--version'])}; {revision()}{baseline}"
+            f"; Python {platform.python_version()}, pynetdicom {pynetdicom.__version__}")
 
 
 def filesystem(path: Path) -> str:
@@ -257,24 +268,19 @@ def filesystem(path: Path) -> str:
     return f"{fields[1]} on {fields[0]}" if len(fields) > 1 else "?"
 
 
-def command_line() -> str:
-    exe = os.path.relpath(sys.executable, Path.cwd())
-    script = os.path.relpath(Path(__file__).resolve(), Path.cwd())
-    return " ".join(shlex.quote(a) for a in [exe, script, *sys.argv[1:]])
-
-
 def report(args: argparse.Namespace, runs: Sequence[Run], nbytes: int, temp: Path) -> str:
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     senders = f"{args.parallel} storescu processes" if args.parallel > 1 else "1 storescu"
     storescp_mode = "normal (parse + re-encode)" if args.storescp_normal else "+B bit-preserving"
-    detail = "; ".join(f"{r.receiver} {r.seconds:.2f} s" for r in runs)
+    detail = "; ".join(f"{r.receiver} {r.seconds:.2f} s (CPU {r.cpu_seconds:.2f} s)"
+                       for r in runs)
     return "\n".join([
         (f"## {now}: {args.slices} × {args.size}×{args.size} CT, {senders}, "
          f"median of {args.repeat}"),
         "",
-        f"- command: `{command_line()}`",
+        f"- command: `{command_line(__file__)}`",
         f"- machine: {machine()}; temp storage {filesystem(temp)}",
-        f"- versions: {versions()}",
+        f"- versions: {versions(args)}",
         (f"- data: {args.slices} instances, {nbytes / 1e6:.1f} MB (MB = 10^6 bytes), "
          "Explicit VR Little Endian, CT Image Storage"),
         (f"- receivers: storescp {storescp_mode}, no fsync; Orthanc defaults "
@@ -282,16 +288,18 @@ def report(args: argparse.Namespace, runs: Sequence[Run], nbytes: int, temp: Pat
          "directory, SQLite index)"),
         f"- every run: {detail}",
         "",
-        table(runs, [n for n in RECEIVERS if n in args.receivers]),
+        table(runs, order(args)),
         "",
     ])
 
 
-def append_results(text: str, path: Path) -> None:
-    if not path.exists() or not path.read_text().strip():
-        path.write_text(RESULTS_HEADER)
-    with path.open("a") as f:
-        f.write("\n" + text)
+def order(args: argparse.Namespace) -> list[str]:
+    """The receivers of this run in the order they run (the baseline before pacsnode)."""
+    names = [n for n in RECEIVERS if n in args.receivers]
+    if args.baseline:
+        names.insert(names.index("pacsnode") if "pacsnode" in names else len(names),
+                     args.baseline_name)
+    return names
 
 
 @contextlib.contextmanager
@@ -315,6 +323,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--receivers", nargs="+", choices=RECEIVERS, default=list(RECEIVERS))
     p.add_argument("--storescp-normal", action="store_true",
                    help="run storescp without +B (parse and re-encode each data set)")
+    p.add_argument("--baseline", metavar="REV",
+                   help="also run pacsnode as of git revision REV (exported with git archive), "
+                        "interleaved with the others: before/after in one run")
     p.add_argument("--tmpdir", help="where the temp folders go (default: $TMPDIR or /tmp)")
     p.add_argument("--results", type=Path, default=RESULTS, help="file the table is appended to")
     p.add_argument("--no-append", action="store_true", help="print only")
@@ -337,9 +348,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         nbytes = sum(f.stat().st_size for f in files)
         print(f"generated {len(files)} instances, {nbytes / 1e6:.1f} MB in "
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        args.baseline_tree = None
+        if args.baseline:
+            args.baseline_tree = temp / "baseline"
+            args.baseline_name = f"pacsnode@{export_revision(args.baseline, args.baseline_tree)}"
         runs: list[Run] = []
         for i in range(args.repeat):
-            for name in (n for n in RECEIVERS if n in args.receivers):
+            for name in order(args):
                 run = measure(name, files, nbytes, args, temp / f"{name}-{i}")
                 print(f"  {name:9} run {i + 1}: {run.seconds:.2f} s", file=sys.stderr)
                 runs.append(run)

@@ -26,11 +26,8 @@ from __future__ import annotations
 import argparse
 import gc
 import io
-import os
 import platform
 import re
-import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -46,18 +43,11 @@ if str(ROOT) not in sys.path:
 import pydicom
 from pydicom.dataset import Dataset
 
+from bench.common import RESULTS, append_results, command_line, machine, revision
 from node.routing import CompiledRoute, Decision, attributes_of, decide
 from node.settings import RouteSettings
 from node.synth import SeriesSpec, SyntheticSeries, make_study
 
-RESULTS = ROOT / "bench" / "RESULTS.md"
-RESULTS_HEADER = """\
-# Benchmark results
-
-Figures below are appended by the scripts in this folder (see README.md), one section
-per run, with the machine, the date (UTC) and the exact command. Do not edit them by
-hand; compare only figures measured in the same run.
-"""
 TARGET_S = 1e-3  # per series
 
 # How each series of the study arrived (the pseudo-keywords of node/rules.py).
@@ -280,39 +270,10 @@ def read_header(data: bytes) -> Dataset:
     return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
 
 
-def _first_line(cmd: Sequence[str]) -> str:
-    try:
-        out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    lines = (out.stdout or out.stderr).strip().splitlines()
-    return lines[0].strip() if lines else "?"
-
-
-def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines()
-                  if ln.startswith("model name")), platform.processor() or "?")
-    mem_kb = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
-                  if ln.startswith("MemTotal"))
-    return (f"nproc {os.cpu_count()}, CPU {model}, memory {mem_kb / 1024 ** 2:.1f} GiB, "
-            f"kernel {platform.release()}")
-
-
 def versions() -> str:
-    rev = _first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"],
-                           check=False, capture_output=True, text=True).stdout.strip()
     import pydantic
-    return (f"pacsnode {rev}{' (uncommitted changes)' if dirty else ''}, "
-            f"Python {platform.python_version()}, pydicom {pydicom.__version__}, "
+    return (f"{revision()}, Python {platform.python_version()}, pydicom {pydicom.__version__}, "
             f"pydantic {pydantic.VERSION}")
-
-
-def command_line() -> str:
-    exe = os.path.relpath(sys.executable, Path.cwd())
-    script = os.path.relpath(Path(__file__).resolve(), Path.cwd())
-    return " ".join(shlex.quote(a) for a in [exe, script, *sys.argv[1:]])
 
 
 def _us(seconds: float) -> str:
@@ -348,7 +309,7 @@ def report(args: argparse.Namespace, rows: Sequence[Row], notes: Sequence[str],
     return "\n".join([
         f"## {now}: routing, 50 routes, {args.iterations} calls per row",
         "",
-        f"- command: `{command_line()}`",
+        f"- command: `{command_line(__file__)}`",
         f"- machine: {machine()}",
         f"- versions: {versions()}",
         f"- routes: {counts}",
@@ -360,13 +321,6 @@ def report(args: argparse.Namespace, rows: Sequence[Row], notes: Sequence[str],
         table(rows),
         "",
     ])
-
-
-def append_results(text: str, path: Path) -> None:
-    if not path.exists() or not path.read_text().strip():
-        path.write_text(RESULTS_HEADER)
-    with path.open("a") as f:
-        f.write("\n" + text)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

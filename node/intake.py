@@ -72,6 +72,7 @@ class Intake:
         self.spool = spool
         self.engine = engine
         self._lock = lock or threading.Lock()
+        self._stripes = tuple(threading.Lock() for _ in range(64))
         self._conn: Connection | None = None
         # Writing and fsync'ing release the GIL: they run beside header parsing.
         self._writers = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="spool-writer")
@@ -103,7 +104,12 @@ class Intake:
         ``expected_*``: what the request that carried the bytes said (C-STORE's Affected
         SOP Instance/Class UID, the study of a STOW-RS URL); a contradiction is refused.
         """
-        writing = self._writers.submit(self.spool.stage, data)
+        # The writer runs while this thread parses the header, but it needs the GIL to get
+        # going, which parsing would hold: wait until its write is done and only the
+        # fsync (which releases the GIL) is left, then parse beside the fsync.
+        fsyncing = threading.Event()
+        writing = self._writers.submit(self._stage, data, fsyncing)
+        fsyncing.wait()
         try:
             header = read_header(data)
             _check_request(header, expected_sop_instance_uid, expected_sop_class_uid)
@@ -120,10 +126,15 @@ class Intake:
             raise
         staged = writing.result()
         try:
-            with self._lock:
-                return self._commit(header, staged, peer)
+            return self._commit(header, staged, peer)
         finally:
             self.spool.discard(staged)
+
+    def _stage(self, data: bytes, fsyncing: threading.Event) -> StagedFile:
+        try:
+            return self.spool.stage(data, before_fsync=fsyncing.set)
+        finally:
+            fsyncing.set()
 
     def _commit(
         self, header: InstanceHeader, staged: StagedFile, peer: AssociationInfo | None
@@ -131,10 +142,32 @@ class Intake:
         rel = relative_path(
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
         )
+        # The rename and its directory fsync run outside the lock shared with assembly,
+        # so that parallel associations fsync at the same time; stores of the same file
+        # name are serialized by their own stripe lock instead.
+        with self._stripes[hash(rel) % len(self._stripes)]:
+            previous = self.spool.keep_previous(rel)
+            try:
+                self.spool.commit(staged, rel)
+                with self._lock:
+                    outcome = self._index(header, rel, staged, peer)
+            except IntakeError:
+                self._undo(rel, previous=previous)
+                raise
+            finally:
+                if previous is not None:
+                    previous.unlink(missing_ok=True)
+        if outcome.result is StoreResultValues.REPLACED:
+            log.warning(
+                "instance %s received again with different content; kept the newest",
+                header.sop_instance_uid,
+            )
+        return outcome
+
+    def _index(self, header: InstanceHeader, rel: str, staged: StagedFile,
+               peer: AssociationInfo | None) -> StoreOutcome:
+        """The index row for a file already in place (callers hold the lock)."""
         now = utcnow()
-        existing: str | None = None
-        renamed = False
-        previous: Path | None = None
         try:
             conn = self._connection()
             with conn.begin():
@@ -152,36 +185,20 @@ class Intake:
                 else:
                     values["where_uid"] = values.pop("sop_instance_uid")
                     conn.execute(_UPDATE_INSTANCE, values)
-                    previous = self.spool.keep_previous(rel)
-                self.spool.commit(staged, rel)
-                renamed = True
         except OperationalError as exc:
-            self._undo(rel, renamed=renamed, previous=previous)
             if "full" in str(exc.orig).lower():
                 raise StorageFullError("the index database's disk is full") from exc
             raise StorageError(f"indexing failed: {exc.orig}") from exc
         except SQLAlchemyError as exc:
-            self._undo(rel, renamed=renamed, previous=previous)
             raise StorageError(f"indexing failed: {exc}") from exc
-        except IntakeError:
-            if previous is not None:
-                previous.unlink(missing_ok=True)
-            raise
-        if previous is not None:
-            previous.unlink(missing_ok=True)
-        if existing is not None:
-            log.warning(
-                "instance %s received again with different content; kept the newest",
-                header.sop_instance_uid,
-            )
-            return StoreOutcome(StoreResultValues.REPLACED, header, rel, staged.size)
-        return StoreOutcome(StoreResultValues.STORED, header, rel, staged.size)
+        result = StoreResultValues.STORED if existing is None else StoreResultValues.REPLACED
+        return StoreOutcome(result, header, rel, staged.size)
 
-    def _undo(self, rel: str, *, renamed: bool, previous: Path | None) -> None:
-        """The index refused a file already renamed into place: put the spool back."""
+    def _undo(self, rel: str, *, previous: Path | None) -> None:
+        """The file could not be indexed (or moved): put the spool back as it was."""
         if previous is not None:
             self.spool.restore_previous(previous, rel)
-        elif renamed:
+        else:
             self.spool.remove(rel)
 
     @staticmethod

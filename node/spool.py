@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +68,11 @@ class Spool:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
-    def stage(self, data: bytes) -> StagedFile:
-        """Write ``data`` to a temporary file and fsync it. Raises StorageFullError/StorageError."""
+    def stage(self, data: bytes, *, before_fsync: Callable[[], None] | None = None) -> StagedFile:
+        """Write ``data`` to a temporary file and fsync it. Raises StorageFullError/StorageError.
+
+        ``before_fsync`` is called once the bytes are written and only the fsync is left.
+        """
         if self.min_free_bytes and self.free_bytes() - len(data) < self.min_free_bytes:
             raise StorageFullError(
                 f"spool free space below the configured minimum of {self.min_free_bytes} bytes"
@@ -82,6 +85,8 @@ class Spool:
                 while view:
                     written = os.write(fd, view)
                     view = view[written:]
+                if before_fsync is not None:
+                    before_fsync()
                 if self.fsync:
                     os.fsync(fd)
             finally:

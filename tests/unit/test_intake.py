@@ -156,3 +156,37 @@ def test_failed_replacement_leaves_the_stored_version_intact(
         rig.intake.store(encode(other))
     event.remove(rig.engine, "commit", refuse_commit)
     assert sum(1 for _ in rig.spool.iter_files()) == 1
+
+
+def test_concurrent_versions_of_one_instance_leave_file_and_row_in_agreement(
+        tmp_path: Path) -> None:
+    import hashlib
+    import threading
+
+    rig = Rig(tmp_path)
+    ds = small_series(1).datasets[0]
+    versions = []
+    for i in range(4):
+        ds.SeriesDescription = f"version {i}"
+        versions.append(encode(ds))
+    for _ in range(5):
+        barrier = threading.Barrier(len(versions))
+
+        def send(data: bytes, barrier: threading.Barrier) -> None:
+            barrier.wait()
+            rig.intake.store(data)
+
+        threads = [threading.Thread(target=send, args=(v, barrier)) for v in versions]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        with Session(rig.engine) as s:
+            row = s.get(InstanceRow, ds.SOPInstanceUID)
+        assert row is not None
+        on_disk = (rig.spool.root / row.path).read_bytes()
+        assert hashlib.sha256(on_disk).hexdigest() == row.sha256
+        assert on_disk in versions
+    assert _count(rig) == 1
+    assert sum(1 for _ in rig.spool.iter_files()) == 1
+    assert list((rig.spool.root / ".tmp").iterdir()) == []
