@@ -21,12 +21,12 @@ from adapters.http import AdminServer
 from adapters.senders import AnySender
 from node.assembly import Assembly
 from node.audit import AuditLog
-from node.db import make_engine
+from node.db import is_postgresql, open_database
 from node.forward import make_forward_handler
 from node.intake import Intake
 from node.metrics import Metrics, exposition
 from node.notify import notify, watchdog_interval
-from node.jobs import JobRunner, JobStore
+from node.jobs import JobRunner, JobStore, owner_name
 from node.routing import RoutePlanner
 from node.errors import ConfigError
 from node.settings import Settings, load_settings
@@ -54,7 +54,10 @@ def admin_token(settings: Settings) -> str:
 
 
 def pid_file(settings: Settings) -> Path:
-    """Where a running node leaves its process ID (for ``pacsnode config reload``)."""
+    """Where a running node leaves its process ID (for ``pacsnode config reload``); one
+    per listener port where receivers may share the spool (a PostgreSQL database)."""
+    if settings.storage.database.startswith("postgresql"):
+        return settings.storage.spool / f".pacsnode-{settings.node.port}.pid"
     return settings.storage.spool / ".pacsnode.pid"
 
 
@@ -66,12 +69,17 @@ class Node:
         self.settings = settings
         self.spawn_worker = spawn_worker
         storage = settings.storage
-        self.engine = engine or make_engine(storage.database)
+        self.engine = engine or open_database(storage)
+        # A shared database means a possibly shared spool: an owner name for the jobs this
+        # receiver claims and a staging folder of its own.
+        owner = owner_name(f"receiver-{settings.node.port}") if is_postgresql(self.engine) \
+            else None
         self.spool = Spool(storage.spool, fsync=storage.fsync,
-                           min_free_bytes=storage.min_free_mb * 1024 * 1024)
+                           min_free_bytes=storage.min_free_mb * 1024 * 1024,
+                           staging=owner.replace(":", "-") if owner else None)
         lock = threading.Lock()
         self.intake = Intake(self.spool, self.engine, lock=lock)
-        self.jobs = JobStore(self.engine, settings.jobs)
+        self.jobs = JobStore(self.engine, settings.jobs, owner=owner)
         self.audit = AuditLog(storage.audit_log)
         self.planner = RoutePlanner(settings.routes, self.jobs, storage.spool, settings.models,
                                     self.audit)

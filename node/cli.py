@@ -168,9 +168,9 @@ def _series_files(settings: Settings, target: str, series: str | None) -> list[A
         from sqlalchemy import select
         from sqlalchemy.orm import Session
 
-        from node.db import InstanceRow, SeriesRow, make_engine
+        from node.db import InstanceRow, SeriesRow, open_database
 
-        engine = make_engine(settings.storage.database)
+        engine = open_database(settings.storage)
         with Session(engine) as session:
             rows = session.execute(select(InstanceRow.series_instance_uid, InstanceRow.path)
                                    .join(SeriesRow)
@@ -258,11 +258,11 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     from node import queries
-    from node.db import make_engine
+    from node.db import open_database
     from node.jobs import JobStore
 
     settings = _settings(args)
-    store = JobStore(make_engine(settings.storage.database), settings.jobs)
+    store = JobStore(open_database(settings.storage), settings.jobs)
     if args.action == "list":
         jobs = [queries.job_dict(j) for j in store.list(state=args.state, limit=args.limit)]
         _emit(args, jobs, lambda: print(queries.format_jobs(jobs)))

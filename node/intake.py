@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from node.db import InstanceRow, SeriesRow, StudyRow
@@ -54,6 +54,13 @@ _UPDATE_INSTANCE = (
     update(InstanceRow)
     .where(InstanceRow.sop_instance_uid == bindparam("where_uid"))
 )
+
+
+_CONFLICT_TRIES = 4
+
+
+class _Conflict(Exception):
+    """A concurrent insert of the same key by another process; nothing was changed."""
 
 
 def utcnow() -> datetime:
@@ -111,6 +118,13 @@ class Intake:
         staged = writing.result()
         try:
             with self._lock:
+                for _ in range(_CONFLICT_TRIES - 1):
+                    try:
+                        return self._commit(header, staged, peer)
+                    except _Conflict:
+                        # another receiver sharing the database inserted the same study,
+                        # series or instance first: the next try finds its rows
+                        continue
                 return self._commit(header, staged, peer)
         finally:
             self.spool.discard(staged)
@@ -150,6 +164,10 @@ class Intake:
             if "full" in str(exc.orig).lower():
                 raise StorageFullError("the index database's disk is full") from exc
             raise StorageError(f"indexing failed: {exc.orig}") from exc
+        except IntegrityError as exc:
+            self._undo(rel, renamed=renamed, previous=previous)
+            raise _Conflict() if not renamed and previous is None else \
+                StorageError(f"indexing failed: {exc.orig}") from exc
         except SQLAlchemyError as exc:
             self._undo(rel, renamed=renamed, previous=previous)
             raise StorageError(f"indexing failed: {exc}") from exc

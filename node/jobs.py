@@ -13,17 +13,18 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, or_, select, update
+from sqlalchemy import Engine, Select, or_, select, update
 from sqlalchemy.orm import Session
 
 from node.audit import NO_AUDIT, AuditLog
-from node.db import JobRow
+from node.db import JobRow, is_postgresql
 from node.errors import DeliveryError, JobError, PacsnodeError
 from node.intake import utcnow
 from node.settings import JobSettings
@@ -89,10 +90,22 @@ class JobSpec:
     queue: str = "default"          # an infer job's device queue (the model's device)
 
 
+def owner_name(role: str) -> str:
+    """Who claims jobs in a shared database: the host and the role of this process."""
+    return f"{socket.gethostname()}:{role}"[:128]
+
+
 class JobStore:
-    def __init__(self, engine: Engine, settings: JobSettings) -> None:
+    """The job table. ``owner`` (set where several processes share a PostgreSQL table)
+    is stamped on every claim, and :meth:`recover` then takes back only this owner's
+    jobs, never the ones another live receiver or worker is running."""
+
+    def __init__(self, engine: Engine, settings: JobSettings, *,
+                 owner: str | None = None) -> None:
         self.engine = engine
         self.settings = settings
+        self.owner = owner
+        self._skip_locked = is_postgresql(engine)
 
     def add(self, session: Session, spec: JobSpec) -> bool:
         """Insert in the caller's transaction; a job with the same key is not added twice."""
@@ -143,6 +156,8 @@ class JobStore:
                 query = query.where(JobRow.kind.in_(kinds))
             if queues is not None:
                 query = query.where(JobRow.queue.in_(queues))
+            if self.owner is not None:
+                query = query.where(or_(JobRow.owner == self.owner, JobRow.owner.is_(None)))
             result = session.execute(
                 query.values(state=JobStateValues.PENDING.value, updated_at=utcnow())
             )
@@ -160,6 +175,8 @@ class JobStore:
                 or_(JobRow.not_before.is_(None), JobRow.not_before <= now))
             if queues is not None:
                 query = query.where(JobRow.queue.in_(queues))
+            if self._skip_locked:
+                return self._claim_locked(session, query, now)
             candidates = session.scalars(
                 query
                 .order_by(JobRow.priority.desc(), JobRow.id)
@@ -170,13 +187,30 @@ class JobStore:
                     update(JobRow)
                     .where(JobRow.id == row.id, JobRow.state == row.state)
                     .values(state=JobStateValues.RUNNING.value, attempts=JobRow.attempts + 1,
-                            updated_at=now)
+                            owner=self.owner, updated_at=now)
                 )
                 if getattr(claimed, "rowcount", 0) == 1:
                     session.flush()
                     session.refresh(row)
                     return Job.from_row(row)
         return None
+
+    def _claim_locked(self, session: Session, query: Select[Any],
+                      now: datetime) -> Job | None:
+        """PostgreSQL: lock the most urgent row, skipping rows other claimers hold, so
+        concurrent claimers never wait for each other nor take the same job."""
+        row: JobRow | None = session.scalars(
+            query.order_by(JobRow.priority.desc(), JobRow.id).limit(1)
+            .with_for_update(skip_locked=True)
+        ).first()
+        if row is None:
+            return None
+        row.state = JobStateValues.RUNNING.value
+        row.attempts += 1
+        row.owner = self.owner
+        row.updated_at = now
+        session.flush()
+        return Job.from_row(row)
 
     def advance(self, job_id: int, state: JobStateValues, *, step: str | None = None) -> None:
         self._set(job_id, state=state.value, step=step, last_error=None, not_before=None)

@@ -25,13 +25,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.audit import NO_AUDIT, AuditLog
-from node.db import JobRow, make_engine
+from node.db import JobRow, is_postgresql, open_database
 from node.errors import ModelError
 from node.forward import deliver, job_files
 from node.inference.runner import ModelInfo, ModelPool, Prediction
 from node.inference.volume import Volume, load_volume
 from node.notify import notify
-from node.jobs import Job, JobHandler, JobRunner, JobStateValues, JobStore
+from node.jobs import Job, JobHandler, JobRunner, JobStateValues, JobStore, owner_name
 from node.ports import Sender
 from node.results.seg import build_seg
 from node.results.sr import build_sr
@@ -196,8 +196,9 @@ class WorkerNode:
         (one worker per device queue); None serves every model."""
         self.settings = settings
         self.device = device
-        self.engine = make_engine(settings.storage.database)
-        self.jobs = JobStore(self.engine, settings.jobs)
+        self.engine = open_database(settings.storage)
+        self.jobs = JobStore(self.engine, settings.jobs, owner=owner_name(
+            f"worker:{device or 'all'}") if is_postgresql(self.engine) else None)
         models = [m for m in settings.models if device is None or m.device == device]
         self.pool = ModelPool({m.name: m for m in models})
         self.queues = {device} if device is not None else None
