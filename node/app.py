@@ -248,7 +248,9 @@ class WorkerSupervisor:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.devices = sorted({m.device for m in settings.models})
+        # executor "ray": one process dispatches to the cluster's model actors
+        self.devices = ["ray"] if settings.executor.kind == "ray" else \
+            sorted({m.device for m in settings.models})
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._backoff = {d: 1.0 for d in self.devices}
         self._next_start = {d: 0.0 for d in self.devices}
@@ -260,9 +262,10 @@ class WorkerSupervisor:
 
     def _start(self, device: str) -> None:
         assert self.settings.source_file is not None
+        queue = [] if device == "ray" else ["--device", device]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "serve", "--role", "worker", "--device",
-             device, "-c", str(self.settings.source_file)],
+            [sys.executable, "-m", "node.cli", "serve", "--role", "worker", *queue,
+             "-c", str(self.settings.source_file)],
             env={**os.environ, "PACSNODE_PARENT_PID": str(os.getpid())})
         self.procs[device] = proc
         self._started[device] = time.monotonic()

@@ -108,8 +108,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from adapters.senders import AnySender
         from node.inference.service import WorkerNode
 
-        WorkerNode(settings, sender=AnySender(ae_title=settings.node.ae_title),
-                   device=args.device).serve_forever()
+        sender = AnySender(ae_title=settings.node.ae_title)
+        if settings.executor.kind == "ray":
+            from node.inference.ray_executor import RayWorker
+
+            RayWorker(settings, sender=sender).serve_forever()
+        else:
+            WorkerNode(settings, sender=sender, device=args.device).serve_forever()
     else:
         Node(settings, spawn_worker=args.role == "all").serve_forever()
     return EXIT_OK

@@ -70,3 +70,12 @@ class VolumeError(PacsnodeError):
 
 class ResultError(PacsnodeError):
     """A prediction cannot be written as DICOM SEG/SR (bad labels, sources or references)."""
+
+
+class ExecutorError(PacsnodeError):
+    """The inference executor lost a job's run (a Ray actor or node died, a run timed
+    out); ``retryable`` says whether running the job again may help."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable

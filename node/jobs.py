@@ -4,7 +4,8 @@ States (``JobStateValues``): pending → running → [encoded →] delivering �
 failed (not retryable) / dead (out of tries) / cancelled. Every transition is committed
 before the work it announces, so after a crash or kill -9 :meth:`JobStore.recover`
 puts each unfinished job back where its last commit left it: a job caught in
-``running`` or ``delivering`` becomes claimable again and keeps its ``step``; handlers
+``running``, ``encoded`` or ``delivering`` becomes claimable again and keeps its ``step``
+(so an encoded job is delivered, not predicted again); handlers
 make their steps idempotent (deterministic UIDs make a resend harmless).
 """
 
@@ -25,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from node.audit import NO_AUDIT, AuditLog
 from node.db import JobRow, is_postgresql
-from node.errors import DeliveryError, JobError, PacsnodeError
+from node.errors import DeliveryError, ExecutorError, JobError, PacsnodeError
 from node.intake import utcnow
 from node.settings import JobSettings
 
@@ -45,8 +46,12 @@ class JobStateValues(enum.Enum):
 
 FINAL = {JobStateValues.DONE, JobStateValues.FAILED, JobStateValues.DEAD,
          JobStateValues.CANCELLED}
-CLAIMABLE = (JobStateValues.PENDING.value, JobStateValues.ENCODED.value)
-IN_FLIGHT = (JobStateValues.RUNNING.value, JobStateValues.DELIVERING.value)
+# ENCODED is in flight, not claimable: the thread that encoded goes on to deliver, and a
+# second claimer (another runner thread or dispatcher) must not deliver the same job at
+# the same time. After a crash, recovery turns it back to pending with its step kept.
+CLAIMABLE = (JobStateValues.PENDING.value,)
+IN_FLIGHT = (JobStateValues.RUNNING.value, JobStateValues.ENCODED.value,
+             JobStateValues.DELIVERING.value)
 
 
 @dataclass(frozen=True)
@@ -329,7 +334,7 @@ class JobRunner:
             return False
         try:
             self.handlers[job.kind](job, self.store)
-        except DeliveryError as exc:
+        except (DeliveryError, ExecutorError) as exc:
             state = self.store.fail(job.id, str(exc), retryable=exc.retryable)
             log.warning("job %d (%s) failed: %s -> %s", job.id, job.kind, exc, state.value)
         except PacsnodeError as exc:

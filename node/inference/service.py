@@ -54,6 +54,7 @@ class SavedPrediction:
     path: Path
     voxels: dict[int, int]
     volume_mm3: dict[int, float]
+    ran_on: str | None = None           # where it ran, when not in this process (Ray node)
 
 
 def save_prediction(directory: Path, prediction: Prediction, volume: Volume) -> SavedPrediction:
@@ -113,20 +114,31 @@ def encode_results(job: Job, prediction: Prediction, volume: Volume, files: Sequ
     return written
 
 
+Predict = Callable[[Job, Settings, Path], "SavedPrediction"]
+
+
 def make_infer_handler(engine: Any, current: Callable[[], Settings], pool: ModelPool,
                        sender: Sender | None = None,
                        on_predicted: Callable[[], None] = lambda: None,
-                       audit: AuditLog = NO_AUDIT) -> JobHandler:
+                       audit: AuditLog = NO_AUDIT, *,
+                       predict: Predict | None = None) -> JobHandler:
+    """predict → encode SEG/SR → ENCODED → deliver → DONE. ``predict`` runs the model
+    and writes the results into the job's folder: here by default, or on a Ray actor
+    (node/inference/ray_executor.py)."""
+    run: Predict = predict or (lambda job, settings, out_dir: _predict_and_encode(
+        engine, settings, pool, job, out_dir))
+
     def handle(job: Job, store: JobStore) -> None:
         settings = current()
         out_dir = results_root(settings) / f"job-{job.id}"
         if not (job.step or "").startswith("encoded"):
-            saved = _predict_and_encode(engine, settings, pool, job, out_dir)
+            saved = run(job, settings, out_dir)
+            where = {"ran_on": saved.ran_on} if saved.ran_on else {}
             audit.write("inferred", job.study_instance_uid, job=job.id,
                         series_instance_uid=job.series_instance_uid,
                         model=job.payload.get("model"),
                         volume_mm3={str(k): round(v, 1) for k, v in saved.volume_mm3.items()},
-                        results=[p.name for p in sorted(out_dir.glob("*.dcm"))])
+                        results=[p.name for p in sorted(out_dir.glob("*.dcm"))], **where)
             on_predicted()
             store.advance(job.id, JobStateValues.ENCODED, step="encoded;")
             job = store.get(job.id)
@@ -142,11 +154,19 @@ def make_infer_handler(engine: Any, current: Callable[[], Settings], pool: Model
 
 def _predict_and_encode(engine: Any, settings: Settings, pool: ModelPool, job: Job,
                         out_dir: Path) -> SavedPrediction:
+    files = job_files(engine, settings.storage.spool, job)
+    return infer_series(pool, job, files, out_dir,
+                        predecessor=previous_sr(engine, settings, job))
+
+
+def infer_series(pool: ModelPool, job: Job, files: Sequence[Path], out_dir: Path, *,
+                 predecessor: Path | None = None) -> SavedPrediction:
+    """The part of an ``infer`` job that needs the model and the files, not the database:
+    load the series, predict, save the prediction, write SEG + SR into ``out_dir``."""
     model = str(job.payload.get("model", ""))
     if job.series_instance_uid is None:
         raise ModelError(f"route {job.route} runs {model} on a whole study; give the route "
                          f"a select block so the model gets one series")
-    files = job_files(engine, settings.storage.spool, job)
     volume = load_volume(files, series_instance_uid=job.series_instance_uid)
     prediction = pool.predict(model, volume)
     saved = save_prediction(out_dir, prediction, volume)
@@ -158,11 +178,11 @@ def _predict_and_encode(engine: Any, settings: Settings, pool: ModelPool, job: J
               for f in files}
     ordered = [by_uid[uid] for uid in dict.fromkeys(volume.sop_instance_uids)]
     encode_results(job, prediction, volume, ordered, pool.runner(model).info, out_dir,
-                   predecessor=_previous_sr(engine, settings, job))
+                   predecessor=pydicom.dcmread(predecessor) if predecessor else None)
     return saved
 
 
-def _previous_sr(engine: Any, settings: Settings, job: Job) -> Dataset | None:
+def previous_sr(engine: Any, settings: Settings, job: Job) -> Path | None:
     """The SR of this route's job for an earlier generation of the same series and model."""
     with Session(engine) as session:
         rows = session.execute(
@@ -176,7 +196,7 @@ def _previous_sr(engine: Any, settings: Settings, job: Job) -> Dataset | None:
             continue
         path = results_root(settings) / f"job-{job_id}" / "sr.dcm"
         if path.is_file():
-            return pydicom.dcmread(path)
+            return path
     return None
 
 
@@ -202,12 +222,18 @@ class WorkerNode:
         models = [m for m in settings.models if device is None or m.device == device]
         self.pool = ModelPool({m.name: m for m in models})
         self.queues = {device} if device is not None else None
-        audit = AuditLog(settings.storage.audit_log)
-        self.runner = JobRunner(self.jobs, {"infer": make_infer_handler(
-            self.engine, lambda: self.settings, self.pool, sender,
-            lambda: write_status(self.settings, self.pool, device), audit)}, workers=1,
-            queues=self.queues, audit=audit)
+        self.audit = AuditLog(settings.storage.audit_log)
+        self.runner = self._make_runner(sender)
         self._stop = threading.Event()
+
+    def _make_runner(self, sender: Sender | None) -> JobRunner:
+        return JobRunner(self.jobs, {"infer": make_infer_handler(
+            self.engine, lambda: self.settings, self.pool, sender,
+            lambda: write_status(self.settings, self.pool, self.device), self.audit)},
+            workers=1, queues=self.queues, audit=self.audit)
+
+    def close(self) -> None:
+        """Release what the runner holds (the local pool needs nothing)."""
 
     def serve_forever(self) -> None:
         def _signal(signum: int, _frame: FrameType | None) -> None:
@@ -229,5 +255,6 @@ class WorkerNode:
                     break
         finally:
             self.runner.stop()
+            self.close()
             status_file(self.settings, self.device).unlink(missing_ok=True)
             self.engine.dispose()
