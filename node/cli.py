@@ -272,6 +272,11 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         jobs = [queries.job_dict(j) for j in store.list(state=args.state, limit=args.limit)]
         _emit(args, jobs, lambda: print(queries.format_jobs(jobs)))
         return EXIT_OK
+    if args.action == "release":
+        count = store.release_owner(args.owner)
+        _emit(args, {"owner": args.owner, "released": count},
+              lambda: print(f"{count} in-flight job(s) of {args.owner} back in the queue"))
+        return EXIT_OK
     try:
         if args.action == "show":
             job = store.get(args.id)
@@ -368,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
         j = jsub.add_parser(action, parents=[common])
         j.add_argument("id", type=int)
         j.set_defaults(func=cmd_jobs)
+    j = jsub.add_parser("release", parents=[common],
+                        help="put back the in-flight jobs of a receiver or worker that is "
+                             "gone for good (shared PostgreSQL database)")
+    j.add_argument("--owner", required=True, help="as in `jobs list --json`, e.g. "
+                   "host:worker-ray or host:receiver-11112")
+    j.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("infer", parents=[common], help="run a model once on one series")
     p.add_argument("--model", required=True)

@@ -72,13 +72,15 @@ class Job:
     last_error: str | None
     created_at: datetime
     updated_at: datetime
+    owner: str | None = None        # who claimed it last (shared database only)
 
     @classmethod
     def from_row(cls, row: JobRow) -> Job:
         return cls(row.id, row.key, row.kind, row.route, row.study_instance_uid,
                    row.series_instance_uid, row.generation, json.loads(row.payload),
                    JobStateValues(row.state), row.step, row.priority, row.attempts,
-                   row.not_before, row.last_error, row.created_at, row.updated_at)
+                   row.not_before, row.last_error, row.created_at, row.updated_at,
+                   row.owner)
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,17 @@ class JobStore:
             count = int(getattr(result, "rowcount", 0) or 0)
         if count:
             log.warning("resumed %d job(s) interrupted by a stop", count)
+        return count
+
+    def release_owner(self, owner: str) -> int:
+        """Put back the in-flight jobs of a claimer that will not come back (a host gone
+        for good); each keeps its step. Run it only when that claimer is really stopped."""
+        with Session(self.engine) as session, session.begin():
+            result = session.execute(
+                update(JobRow).where(JobRow.state.in_(IN_FLIGHT), JobRow.owner == owner)
+                .values(state=JobStateValues.PENDING.value, updated_at=utcnow()))
+            count = int(getattr(result, "rowcount", 0) or 0)
+        log.warning("released %d in-flight job(s) of %s", count, owner)
         return count
 
     def claim(self, kinds: set[str], queues: set[str] | None = None) -> Job | None:

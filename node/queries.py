@@ -79,6 +79,7 @@ def job_dict(job: Job) -> dict[str, Any]:
         "payload": dict(job.payload), "last_error": job.last_error,
         "not_before": job.not_before.isoformat() if job.not_before else None,
         "created_at": job.created_at.isoformat(), "updated_at": job.updated_at.isoformat(),
+        "owner": job.owner,
     }
 
 

@@ -64,14 +64,23 @@ class PostgresServer:
                   f"--pwfile={pwfile}", "--auth-local=trust", "--auth-host=scram-sha-256",
                   "-E", "UTF8", "--no-sync")
         pwfile.unlink()
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(data), "-l",
+        self.resume()
+        self._run(str(self.bindir / "createdb"), "-h", str(self.directory), "-p",
+                  str(self.port), "-U", self.user, "pacsnode")
+        return self
+
+    def resume(self) -> None:
+        """Start the server (again) on its port and data directory."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.directory / "data"), "-l",
                   str(self.directory / "postgres.log"), "-w", "-t", "60", "-o",
                   f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 "
                   f"-c fsync=off -c max_connections=200", "start")
         wait_port(self.port, timeout=30)
-        self._run(str(self.bindir / "createdb"), "-h", str(self.directory), "-p",
-                  str(self.port), "-U", self.user, "pacsnode")
-        return self
+
+    def pause(self) -> None:
+        """Stop the server as an outage would (connections cut), keeping its data."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.directory / "data"), "-m",
+                  "fast", "-w", "stop")
 
     def stop(self) -> None:
         subprocess.run([*self._as, str(self.bindir / "pg_ctl"), "-D",

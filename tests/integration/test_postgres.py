@@ -5,9 +5,11 @@ the test starts on a free loopback port."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections import Counter
 from pathlib import Path
@@ -20,7 +22,13 @@ from node.db import make_engine
 from node.jobs import JobSpec, JobStateValues, JobStore
 from node.settings import JobSettings
 from sqlalchemy.orm import Session
-from tests.integration.pgserver import PgView, PostgresServer, fresh_database, without_password
+from tests.integration.pgserver import (
+    PgView,
+    PostgresServer,
+    _bindir,
+    fresh_database,
+    without_password,
+)
 from tests.support import ROOT, TCP_ENV, storescu, wait_for
 
 pytestmark = pytest.mark.integration
@@ -162,6 +170,10 @@ def test_owner_scoped_recovery_takes_back_only_its_own_jobs(postgres: PostgresSe
     assert restarted.recover(kinds={"infer"}) == 1
     assert restarted.get(mine.id).state is JobStateValues.PENDING
     assert restarted.get(theirs.id).state is JobStateValues.RUNNING
+    assert restarted.get(theirs.id).owner == "host-b:worker"
+    # host-b is gone for good: the admin releases its job (pacsnode jobs release)
+    assert restarted.release_owner("host-b:worker") == 1
+    assert restarted.get(theirs.id).state is JobStateValues.PENDING
     for store in (first, other, restarted):
         store.engine.dispose()
 
@@ -201,3 +213,35 @@ def test_kill_9_with_a_job_in_flight_resumes_it_on_postgresql(
         view.close()
     assert len(_orthanc_instances(orthanc, study.study_instance_uid)) == 6
     assert "resumed 1 job(s)" in node.log()
+
+
+def test_a_database_outage_refuses_c_store_and_heals_when_it_is_back(
+        dcmtk: None, node_factory: Any, tmp_path: Path) -> None:
+    bindir = _bindir()
+    assert bindir is not None
+    own = Path(tempfile.mkdtemp(prefix="pacsnode-pg-"))
+    own.chmod(0o755)
+    server = PostgresServer(own / "pg", bindir).start()   # its own server: it goes down
+    try:
+        node = node_factory(storage=_storage(server, tmp_path, "outage",
+                                             tmp_path / "spool")).start()
+        study = synth.make_study(synth.SeriesSpec(slices=4, rows=32, columns=32), seed=950)
+        files = synth.write_study(study, tmp_path / "study")
+        assert storescu(node.port, files[:2]).returncode == 0
+        server.pause()
+        refused = storescu(node.port, files[2:], extra=["-v"])
+        # nothing is acknowledged that is not indexed: the sender is told to retry later
+        assert "Refused: OutOfResources" in refused.stderr, refused.stderr[-1500:]
+        assert "Received Store Response (Success)" not in refused.stderr
+        server.resume()
+        again = storescu(node.port, files[2:])
+        assert again.returncode == 0, again.stderr
+        view = PgView(server.url.rsplit("/", 1)[0] + "/outage")
+        try:
+            assert len(view.sop_uids()) == 4
+        finally:
+            view.close()
+        assert "A700" in node.log()
+    finally:
+        server.stop()
+        shutil.rmtree(own, ignore_errors=True)
