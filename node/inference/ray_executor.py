@@ -154,6 +154,10 @@ class ActorPool:
                 self._cond.wait(min(left, 1.0))
             return self._idle[name].pop(0)
 
+    def node_of(self, actor: Any) -> str:
+        with self._cond:
+            return self.placed.get(actor._actor_id.hex(), "unknown")
+
     def release(self, name: str, actor: Any) -> None:
         with self._cond:
             self._idle[name].append(actor)
@@ -178,6 +182,8 @@ def run_on_actor(pool: ActorPool, cfg: ExecutorSettings, engine: Any, job: Job,
     files = [str(f) for f in job_files(engine, settings.storage.spool, job)]
     predecessor = previous_sr(engine, settings, job)
     actor = pool.acquire(model, cfg.task_timeout_seconds)
+    log.info("job %d: dispatched to a %s actor on Ray node %s", job.id, model,
+             pool.node_of(actor))
     ref = actor.run.remote(job, files, str(out_dir), str(predecessor) if predecessor else None)
     try:
         saved: SavedPrediction = ray.get(ref, timeout=cfg.task_timeout_seconds)

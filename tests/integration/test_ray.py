@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -64,24 +65,28 @@ class RayCluster:
         self._start(f"--address={self.address}", node_manager_port=self.second_node_port)
         return self
 
-    def kill_second_node(self) -> list[int]:
-        """kill -9 the second node as a power cut would: its raylet's process group and
-        every process the raylet started (the workers that host its actors)."""
+    def second_node_raylet(self) -> psutil.Process:
         for proc in psutil.process_iter(["cmdline"]):
             cmd = proc.info["cmdline"] or []
             if cmd and cmd[0].endswith("raylet") and \
                     f"--node_manager_port={self.second_node_port}" in cmd:
-                victims = [proc, *proc.children(recursive=True)]
-                pgid = os.getpgid(proc.pid)
-                assert pgid != os.getpgrp(), "the raylet shares the test's process group"
-                os.killpg(pgid, signal.SIGKILL)
-                for victim in victims:
-                    try:
-                        victim.kill()
-                    except psutil.NoSuchProcess:
-                        pass
-                return [v.pid for v in victims]
+                return proc
         raise AssertionError("the second node's raylet is not running")
+
+    def kill_second_node(self) -> list[int]:
+        """kill -9 the second node as a power cut would: its raylet's process group and
+        every process the raylet started (the workers that host its actors)."""
+        raylet = self.second_node_raylet()
+        victims = [raylet, *raylet.children(recursive=True)]
+        pgid = os.getpgid(raylet.pid)
+        assert pgid != os.getpgrp(), "the raylet shares the test's process group"
+        os.killpg(pgid, signal.SIGKILL)
+        for victim in victims:
+            try:
+                victim.kill()
+            except psutil.NoSuchProcess:
+                pass
+        return [v.pid for v in victims]
 
     def stop(self) -> None:
         subprocess.run([str(RAY), "stop", "--force"], capture_output=True, timeout=120,
@@ -107,6 +112,17 @@ def _ran_on(audit_log: Path) -> dict[str, str]:
     runs = [json.loads(line) for line in audit_log.read_text().splitlines() if line.strip()]
     return {r["study_instance_uid"]: r["ran_on"] for r in runs
             if r.get("event") == "inferred" and "ran_on" in r}
+
+
+def _second_node_id(log: str, cluster: RayCluster) -> str:
+    """The Ray node ID of the second node: the one whose actor process the second raylet
+    started (from the dispatcher's "resident ... on node N (pid P)" lines)."""
+    children = {p.pid for p in cluster.second_node_raylet().children(recursive=True)}
+    found = {int(m.group(2)): m.group(1) for m in re.finditer(
+        r"resident in a Ray actor on node (\w+) \(pid (\d+)\)", log)}
+    ids = {node_id for pid, node_id in found.items() if pid in children}
+    assert len(ids) == 1, (found, children)
+    return ids.pop()
 
 
 def test_a_stream_of_studies_runs_on_both_ray_nodes_and_survives_losing_one(
@@ -158,10 +174,11 @@ def test_a_stream_of_studies_runs_on_both_ray_nodes_and_survives_losing_one(
         wait_for(lambda: done(2), timeout=120, interval=0.2)
         before = _ran_on(audit_log)
         assert len(set(before.values())) == 2, before       # both Ray nodes ran a model
-        # two more; once both are running, one of them is on the second node: kill it
+        # two more; as soon as one is dispatched to the second node's actor, kill that node
+        second = _second_node_id(node.log(), ray_cluster)
         send([2, 3])
-        wait_for(lambda: len(infer_jobs()) == 4 and sum(
-            j["state"] == "running" for j in infer_jobs()) == 2, timeout=60, interval=0.01)
+        wait_for(lambda: node.log().count(f"on Ray node {second}") >= 2, timeout=90,
+                 interval=0.01)
         ray_cluster.kill_second_node()
         wait_for(lambda: done(4), timeout=180, interval=0.2)
         jobs = infer_jobs()
