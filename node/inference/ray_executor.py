@@ -19,11 +19,12 @@ UIDs are derived from the job, so a re-run after a loss writes the same objects.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from node.inference.service import (
     infer_series,
     make_infer_handler,
     previous_sr,
+    status_file,
 )
 from node.jobs import Job, JobRunner, owner_name
 from node.ports import Sender
@@ -88,8 +90,10 @@ class ActorPool:
     """The live actors of every model; a job leases an idle one. A lost actor is replaced
     by a new one, which joins the pool once Ray has placed it and it has loaded its model."""
 
-    def __init__(self, models: Sequence[ModelSettings]) -> None:
+    def __init__(self, models: Sequence[ModelSettings],
+                 on_change: Callable[[], None] = lambda: None) -> None:
         self.models = {m.name: m for m in models}
+        self.on_change = on_change
         self._idle: dict[str, list[Any]] = {m.name: [] for m in models}
         self._cond = threading.Condition()
         self._stopping = False
@@ -139,6 +143,15 @@ class ActorPool:
             self._cond.notify_all()
         log.info("model %s resident in a Ray actor on node %s (pid %s)", model.name,
                  where["node_id"], where["pid"])
+        self.on_change()
+
+    def resident(self) -> dict[str, list[str]]:
+        """Per model, the Ray nodes its live actors are on."""
+        with self._cond:
+            nodes: dict[str, list[str]] = {name: [] for name in self.models}
+            for name, actors in self._idle.items():
+                nodes[name] += [self.placed.get(a._actor_id.hex(), "?") for a in actors]
+            return nodes
 
     def acquire(self, name: str, timeout: float) -> Any:
         if name not in self.models:
@@ -167,6 +180,7 @@ class ActorPool:
         """Drop a lost or stuck actor and start another in its place."""
         with self._cond:
             self.placed.pop(actor._actor_id.hex(), None)
+        self.on_change()
         try:
             ray.kill(actor, no_restart=True)
         except Exception:  # noqa: BLE001  already gone with its node
@@ -214,17 +228,44 @@ class RayWorker(WorkerNode):
     runs it on the cluster's model actors; delivery stays here."""
 
     def __init__(self, settings: Settings, *, sender: Sender | None = None) -> None:
-        self.actors = ActorPool(settings.models)
+        self.actors = ActorPool(settings.models, on_change=self.write_status)
+        self.runs: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+        self._status_lock = threading.Lock()
         super().__init__(settings, sender=sender, device=None)
+        self.device = "ray"                 # status file .worker-status-ray.json
         if self.jobs.owner is not None:
             self.jobs.owner = owner_name("worker-ray")
 
+    def _run(self, job: Job, settings: Settings, out_dir: Path) -> SavedPrediction:
+        started = time.monotonic()
+        saved = run_on_actor(self.actors, settings.executor, self.engine, job, settings,
+                             out_dir)
+        model = str(job.payload.get("model", ""))
+        with self._status_lock:
+            self.runs[model] = self.runs.get(model, 0) + 1
+            self.seconds[model] = self.seconds.get(model, 0.0) + time.monotonic() - started
+        self.write_status()
+        return saved
+
+    def write_status(self) -> None:
+        """What `pacsnode models list` and /metrics read: a model counts as loaded while
+        at least one of its actors is resident."""
+        resident = self.actors.resident()
+        with self._status_lock:
+            data = {"pid": os.getpid(), "device": "ray",
+                    "loaded": {name: bool(nodes) for name, nodes in resident.items()},
+                    "ray_nodes": resident, "seconds": dict(self.seconds),
+                    "runs": dict(self.runs)}
+            path = status_file(self.settings, "ray")
+            temp = path.with_suffix(".part")
+            temp.write_text(json.dumps(data))
+            os.replace(temp, path)
+
     def _make_runner(self, sender: Sender | None) -> JobRunner:
         cfg = self.settings.executor
-        handler = make_infer_handler(
-            self.engine, lambda: self.settings, self.pool, sender, audit=self.audit,
-            predict=lambda job, settings, out_dir: run_on_actor(
-                self.actors, cfg, self.engine, job, settings, out_dir))
+        handler = make_infer_handler(self.engine, lambda: self.settings, self.pool, sender,
+                                     audit=self.audit, predict=self._run)
         actors = sum(m.replicas for m in self.settings.models)
         return JobRunner(self.jobs, {"infer": handler}, audit=self.audit,
                          workers=max(1, min(actors, cfg.max_in_flight)))

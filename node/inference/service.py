@@ -235,6 +235,9 @@ class WorkerNode:
     def close(self) -> None:
         """Release what the runner holds (the local pool needs nothing)."""
 
+    def write_status(self) -> None:
+        write_status(self.settings, self.pool, self.device)
+
     def serve_forever(self) -> None:
         def _signal(signum: int, _frame: FrameType | None) -> None:
             self._stop.set()
@@ -243,7 +246,7 @@ class WorkerNode:
         signal.signal(signal.SIGINT, _signal)
         self.settings.storage.spool.mkdir(parents=True, exist_ok=True)
         self.jobs.recover(kinds={"infer"}, queues=self.queues)   # only this worker's queue
-        write_status(self.settings, self.pool, self.device)
+        self.write_status()
         self.runner.start()
         log.info("worker ready: %d model(s) configured", len(self.settings.models))
         notify("READY=1")

@@ -174,6 +174,10 @@ def test_a_stream_of_studies_runs_on_both_ray_nodes_and_survives_losing_one(
         wait_for(lambda: done(2), timeout=120, interval=0.2)
         before = _ran_on(audit_log)
         assert len(set(before.values())) == 2, before       # both Ray nodes ran a model
+        status = json.loads((node.config.parent / "spool" / ".worker-status-ray.json")
+                            .read_text())
+        assert status["loaded"] == {"tiny": True} and status["runs"] == {"tiny": 2}
+        assert {f"ray node {n}" for n in status["ray_nodes"]["tiny"]} == set(before.values())
         # two more; as soon as one is dispatched to the second node's actor, kill that node
         second = _second_node_id(node.log(), ray_cluster)
         send([2, 3])
