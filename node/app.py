@@ -46,10 +46,16 @@ def admin_token(settings: Settings) -> str:
                               f"({exc.strerror})") from exc
     path = settings.storage.spool / ".admin-token"
     if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_urlsafe(32) + "\n")
-        log.info("generated an admin API token in %s", path)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:     # another receiver on the shared spool made it first
+            fd = -1
+        if fd >= 0:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(32) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            log.info("generated an admin API token in %s", path)
     return path.read_text().strip()
 
 
