@@ -25,12 +25,12 @@ from adapters.senders import AnySender
 from adapters.sources import AnySource
 from node.assembly import Assembly
 from node.audit import AuditLog
-from node.db import make_engine
+from node.db import is_postgresql, open_database
 from node.forward import make_forward_handler
 from node.intake import Intake
 from node.metrics import Metrics, exposition
 from node.notify import notify, watchdog_interval
-from node.jobs import Job, JobRunner, JobStateValues, JobStore
+from node.jobs import Job, JobRunner, JobStateValues, JobStore, owner_name
 from node.routing import RoutePlanner
 from node.errors import ConfigError, DeliveryError, SourceError
 from node.settings import Settings, load_settings
@@ -54,10 +54,16 @@ def admin_token(settings: Settings) -> str:
                               f"({exc.strerror})") from exc
     path = settings.storage.spool / ".admin-token"
     if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_urlsafe(32) + "\n")
-        log.info("generated an admin API token in %s", path)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:     # another receiver on the shared spool made it first
+            fd = -1
+        if fd >= 0:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(32) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            log.info("generated an admin API token in %s", path)
     return path.read_text().strip()
 
 
@@ -92,7 +98,10 @@ def wake_workers(spool: Path) -> None:
 
 
 def pid_file(settings: Settings) -> Path:
-    """Where a running node leaves its process ID (for ``pacsnode config reload``)."""
+    """Where a running node leaves its process ID (for ``pacsnode config reload``); one
+    per listener port where receivers may share the spool (a PostgreSQL database)."""
+    if settings.storage.database.startswith("postgresql"):
+        return settings.storage.spool / f".pacsnode-{settings.node.port}.pid"
     return settings.storage.spool / ".pacsnode.pid"
 
 
@@ -104,12 +113,17 @@ class Node:
         self.settings = settings
         self.spawn_worker = spawn_worker
         storage = settings.storage
-        self.engine = engine or make_engine(storage.database)
+        self.engine = engine or open_database(storage)
+        # A shared database means a possibly shared spool: an owner name for the jobs this
+        # receiver claims and a staging folder of its own.
+        owner = owner_name(f"receiver-{settings.node.port}") if is_postgresql(self.engine) \
+            else None
         self.spool = Spool(storage.spool, fsync=storage.fsync,
-                           min_free_bytes=storage.min_free_mb * 1024 * 1024)
+                           min_free_bytes=storage.min_free_mb * 1024 * 1024,
+                           staging=owner.replace(":", "-") if owner else None)
         lock = threading.Lock()
         self.intake = Intake(self.spool, self.engine, lock=lock)
-        self.jobs = JobStore(self.engine, settings.jobs)
+        self.jobs = JobStore(self.engine, settings.jobs, owner=owner)
         self.audit = AuditLog(storage.audit_log)
         self.planner = RoutePlanner(settings.routes, self.jobs, storage.spool, settings.models,
                                     self.audit)
@@ -351,7 +365,9 @@ class WorkerSupervisor:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.devices = sorted({m.device for m in settings.models})
+        # executor "ray": one process dispatches to the cluster's model actors
+        self.devices = ["ray"] if settings.executor.kind == "ray" else \
+            sorted({m.device for m in settings.models})
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._backoff = {d: 1.0 for d in self.devices}
         self._next_start = {d: 0.0 for d in self.devices}
@@ -363,9 +379,10 @@ class WorkerSupervisor:
 
     def _start(self, device: str) -> None:
         assert self.settings.source_file is not None
+        queue = [] if device == "ray" else ["--device", device]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "serve", "--role", "worker", "--device",
-             device, "-c", str(self.settings.source_file)],
+            [sys.executable, "-m", "node.cli", "serve", "--role", "worker", *queue,
+             "-c", str(self.settings.source_file)],
             env={**os.environ, "PACSNODE_PARENT_PID": str(os.getpid())})
         self.procs[device] = proc
         self._started[device] = time.monotonic()

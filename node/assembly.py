@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 RECEIVING = UnitStateValues.RECEIVING.value
 COMPLETE = UnitStateValues.COMPLETE.value
+# Several receivers may share one PostgreSQL index: each locks the units it completes and
+# skips those another holds, so a unit is completed (and its jobs planned) once. SQLite
+# has one writer at a time and ignores the clause.
+_LOCK = {"skip_locked": True}
 
 
 
@@ -136,7 +140,7 @@ class Assembly:
         with self._lock, Session(self.engine) as session, session.begin():
             studies: set[str] = set()
             for uid in sorted(uids):
-                series = session.get(SeriesRow, uid)
+                series = session.get(SeriesRow, uid, with_for_update=_LOCK)
                 if series is None or series.state != RECEIVING:
                     continue
                 studies.add(series.study_instance_uid)
@@ -148,7 +152,7 @@ class Assembly:
                     log.info("series %s not provably complete at release (%s); waiting %.1f s",
                              uid, verdict.reason, self.settings.series_quiet_seconds)
             for study_uid in sorted(studies):
-                study = session.get(StudyRow, study_uid)
+                study = session.get(StudyRow, study_uid, with_for_update=_LOCK)
                 members = session.scalars(
                     select(SeriesRow).where(SeriesRow.study_instance_uid == study_uid)
                 ).all()
@@ -176,6 +180,7 @@ class Assembly:
         with self._lock, Session(self.engine) as session, session.begin():
             for series in session.scalars(
                 select(SeriesRow).where(SeriesRow.state == RECEIVING)
+                .with_for_update(skip_locked=True)
             ):
                 if series.first_received_at <= deadline:
                     done.append(self._complete_series(session, series,
@@ -183,7 +188,8 @@ class Assembly:
                 elif series.last_received_at <= quiet:
                     done.append(self._complete_series(session, series,
                                                       CompletionReasonValues.QUIET))
-            for study in session.scalars(select(StudyRow).where(StudyRow.state == RECEIVING)):
+            for study in session.scalars(select(StudyRow).where(StudyRow.state == RECEIVING)
+                                         .with_for_update(skip_locked=True)):
                 open_series = session.scalars(
                     select(SeriesRow).where(
                         SeriesRow.study_instance_uid == study.study_instance_uid,

@@ -108,8 +108,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from adapters.senders import AnySender
         from node.inference.service import WorkerNode
 
-        WorkerNode(settings, sender=AnySender(ae_title=settings.node.ae_title),
-                   device=args.device).serve_forever()
+        sender = AnySender(ae_title=settings.node.ae_title)
+        if settings.executor.kind == "ray":
+            from node.inference.ray_executor import RayWorker
+
+            RayWorker(settings, sender=sender).serve_forever()
+        else:
+            WorkerNode(settings, sender=sender, device=args.device).serve_forever()
     else:
         Node(settings, spawn_worker=args.role == "all").serve_forever()
     return EXIT_OK
@@ -170,9 +175,9 @@ def _series_files(settings: Settings, target: str, series: str | None) -> list[A
         from sqlalchemy import select
         from sqlalchemy.orm import Session
 
-        from node.db import InstanceRow, SeriesRow, make_engine
+        from node.db import InstanceRow, SeriesRow, open_database
 
-        engine = make_engine(settings.storage.database)
+        engine = open_database(settings.storage)
         with Session(engine) as session:
             rows = session.execute(select(InstanceRow.series_instance_uid, InstanceRow.path)
                                    .join(SeriesRow)
@@ -327,16 +332,21 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     from node import queries
-    from node.db import make_engine
+    from node.db import open_database
     from node.jobs import JobStore
     from node.outbox import Outbox
 
     settings = _settings(args)
-    engine = make_engine(settings.storage.database)
+    engine = open_database(settings.storage)
     store = JobStore(engine, settings.jobs)
     if args.action == "list":
         jobs = [queries.job_dict(j) for j in store.list(state=args.state, limit=args.limit)]
         _emit(args, jobs, lambda: print(queries.format_jobs(jobs)))
+        return EXIT_OK
+    if args.action == "release":
+        count = store.release_owner(args.owner)
+        _emit(args, {"owner": args.owner, "released": count},
+              lambda: print(f"{count} in-flight job(s) of {args.owner} back in the queue"))
         return EXIT_OK
     try:
         if args.action == "show":
@@ -435,6 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
         j = jsub.add_parser(action, parents=[common])
         j.add_argument("id", type=int)
         j.set_defaults(func=cmd_jobs)
+    j = jsub.add_parser("release", parents=[common],
+                        help="put back the in-flight jobs of a receiver or worker that is "
+                             "gone for good (shared PostgreSQL database)")
+    j.add_argument("--owner", required=True, help="as in `jobs list --json`, e.g. "
+                   "host:worker-ray or host:receiver-11112")
+    j.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("infer", parents=[common], help="run a model once on one series")
     p.add_argument("--model", required=True)

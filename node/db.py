@@ -25,7 +25,11 @@ from sqlalchemy import (
     event,
     inspect,
 )
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from node.errors import ConfigError
+from node.settings import StorageSettings
 
 
 class Base(DeclarativeBase):
@@ -114,6 +118,7 @@ class JobRow(Base):
     priority: Mapped[int] = mapped_column(Integer, default=50)
     queue: Mapped[str] = mapped_column(String(32), default="default")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    owner: Mapped[str | None] = mapped_column(String(128))     # who claimed it (host:role)
     not_before: Mapped[datetime | None] = mapped_column(DateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime)
@@ -166,8 +171,25 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def make_engine(url: str) -> Engine:
+def is_postgresql(engine: Engine) -> bool:
+    return engine.dialect.name == "postgresql"
+
+
+def open_database(storage: StorageSettings) -> Engine:
+    """The engine for ``[storage] database``, with the password from
+    ``database_password_file`` when one is given (never inline in the TOML)."""
+    return make_engine(storage.database, password_file=storage.database_password_file)
+
+
+def make_engine(url: str, *, password_file: Path | None = None) -> Engine:
     """Create the engine, the tables if missing, and SQLite's WAL settings."""
+    if password_file is not None:
+        try:
+            password = password_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"storage.database_password_file {password_file}: cannot read "
+                              f"({exc.strerror})") from exc
+        url = make_url(url).set(password=password).render_as_string(hide_password=False)
     if url.startswith("sqlite:///"):
         path = url.removeprefix("sqlite:///")
         if path and path != ":memory:":
@@ -175,7 +197,9 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
-        engine = create_engine(url, pool_pre_ping=True)
+        # Several receivers and workers share one PostgreSQL: a dropped connection is
+        # noticed before use (pre-ping) and replaced, so a database restart heals itself.
+        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
     Base.metadata.create_all(engine)
     _add_missing_columns(engine)
     return engine
@@ -184,7 +208,8 @@ def make_engine(url: str) -> Engine:
 def _add_missing_columns(engine: Engine) -> None:
     """Columns added after a table was first created (additive changes only; a new
     table, such as ``deliveries``, is created by ``create_all``)."""
-    added = {("jobs", "queue"): "VARCHAR(32) NOT NULL DEFAULT 'default'"}
+    added = {("jobs", "queue"): "VARCHAR(32) NOT NULL DEFAULT 'default'",
+             ("jobs", "owner"): "VARCHAR(128)"}
     inspector = inspect(engine)
     with engine.begin() as conn:
         for (table, column), ddl in added.items():

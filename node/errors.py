@@ -75,3 +75,12 @@ class ResultError(PacsnodeError):
 class SourceError(PacsnodeError):
     """A pull source (DICOMweb or DIMSE) cannot be queried or read: network, refused
     association, HTTP or DIMSE failure status, bad reply."""
+
+
+class ExecutorError(PacsnodeError):
+    """The inference executor lost a job's run (a Ray actor or node died, a run timed
+    out); ``retryable`` says whether running the job again may help."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable

@@ -12,7 +12,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from sqlalchemy.orm import Session
 
-from node.db import make_engine
+from node.db import open_database
 from node.routing import CompiledRoute, Decision, attributes_of, decide, read_series_attributes
 from node.settings import Settings
 
@@ -56,7 +56,7 @@ def studies_from_folder(folder: Path) -> tuple[list[StudyView], list[str]]:
 
 
 def study_from_index(settings: Settings, uid: str) -> StudyView | None:
-    engine = make_engine(settings.storage.database)
+    engine = open_database(settings.storage)
     try:
         with Session(engine) as session:
             series = read_series_attributes(settings.storage.spool, session, uid)

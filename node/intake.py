@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from node.db import InstanceRow, SeriesRow, StudyRow
@@ -54,6 +54,13 @@ _UPDATE_INSTANCE = (
     update(InstanceRow)
     .where(InstanceRow.sop_instance_uid == bindparam("where_uid"))
 )
+
+
+_CONFLICT_TRIES = 4
+
+
+class _Conflict(Exception):
+    """A concurrent insert of the same key by another process; nothing was changed."""
 
 
 def utcnow() -> datetime:
@@ -150,7 +157,7 @@ class Intake:
             try:
                 self.spool.commit(staged, rel)
                 with self._lock:
-                    outcome = self._index(header, rel, staged, peer)
+                    outcome = self._index_retrying(header, rel, staged, peer)
             except IntakeError:
                 self._undo(rel, previous=previous)
                 raise
@@ -163,6 +170,20 @@ class Intake:
                 header.sop_instance_uid,
             )
         return outcome
+
+    def _index_retrying(self, header: InstanceHeader, rel: str, staged: StagedFile,
+                        peer: AssociationInfo | None) -> StoreOutcome:
+        for _ in range(_CONFLICT_TRIES - 1):
+            try:
+                return self._index(header, rel, staged, peer)
+            except _Conflict:
+                # another receiver sharing the database inserted the same study, series
+                # or instance first: the next try finds its rows
+                continue
+        try:
+            return self._index(header, rel, staged, peer)
+        except _Conflict as exc:
+            raise StorageError(f"indexing failed: {exc}") from exc
 
     def _index(self, header: InstanceHeader, rel: str, staged: StagedFile,
                peer: AssociationInfo | None) -> StoreOutcome:
@@ -189,6 +210,8 @@ class Intake:
             if "full" in str(exc.orig).lower():
                 raise StorageFullError("the index database's disk is full") from exc
             raise StorageError(f"indexing failed: {exc.orig}") from exc
+        except IntegrityError as exc:
+            raise _Conflict(str(exc.orig)) from exc
         except SQLAlchemyError as exc:
             raise StorageError(f"indexing failed: {exc}") from exc
         result = StoreResultValues.STORED if existing is None else StoreResultValues.REPLACED

@@ -4,7 +4,8 @@ States (``JobStateValues``): pending → running → [encoded →] delivering �
 failed (not retryable) / dead (out of tries) / cancelled. Every transition is committed
 before the work it announces, so after a crash or kill -9 :meth:`JobStore.recover`
 puts each unfinished job back where its last commit left it: a job caught in
-``running`` or ``delivering`` becomes claimable again and keeps its ``step``; handlers
+``running``, ``encoded`` or ``delivering`` becomes claimable again and keeps its ``step``
+(so an encoded job is delivered, not predicted again); handlers
 make their steps idempotent (deterministic UIDs make a resend harmless).
 """
 
@@ -13,19 +14,20 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, or_, select, update
+from sqlalchemy import Engine, Select, or_, select, update
 from sqlalchemy.orm import Session
 
 from node.audit import NO_AUDIT, AuditLog
 from node.backoff import after_failure
-from node.db import DeliveryRow, JobRow
-from node.errors import DeliveryError, JobError, PacsnodeError
+from node.db import DeliveryRow, JobRow, is_postgresql
+from node.errors import DeliveryError, ExecutorError, JobError, PacsnodeError
 from node.intake import utcnow
 from node.outbox import DeliveryStateValues
 from node.settings import JobSettings
@@ -46,8 +48,12 @@ class JobStateValues(enum.Enum):
 
 FINAL = {JobStateValues.DONE, JobStateValues.FAILED, JobStateValues.DEAD,
          JobStateValues.CANCELLED}
-CLAIMABLE = (JobStateValues.PENDING.value, JobStateValues.ENCODED.value)
-IN_FLIGHT = (JobStateValues.RUNNING.value, JobStateValues.DELIVERING.value)
+# ENCODED is in flight, not claimable: the thread that encoded goes on to deliver, and a
+# second claimer (another runner thread or dispatcher) must not deliver the same job at
+# the same time. After a crash, recovery turns it back to pending with its step kept.
+CLAIMABLE = (JobStateValues.PENDING.value,)
+IN_FLIGHT = (JobStateValues.RUNNING.value, JobStateValues.ENCODED.value,
+             JobStateValues.DELIVERING.value)
 HEARTBEAT_SECONDS = 30.0       # schedule.stale_after_seconds must be well above this
 
 
@@ -69,13 +75,15 @@ class Job:
     last_error: str | None
     created_at: datetime
     updated_at: datetime
+    owner: str | None = None        # who claimed it last (shared database only)
 
     @classmethod
     def from_row(cls, row: JobRow) -> Job:
         return cls(row.id, row.key, row.kind, row.route, row.study_instance_uid,
                    row.series_instance_uid, row.generation, json.loads(row.payload),
                    JobStateValues(row.state), row.step, row.priority, row.attempts,
-                   row.not_before, row.last_error, row.created_at, row.updated_at)
+                   row.not_before, row.last_error, row.created_at, row.updated_at,
+                   row.owner)
 
 
 @dataclass(frozen=True)
@@ -92,10 +100,22 @@ class JobSpec:
     queue: str = "default"          # an infer job's device queue (the model's device)
 
 
+def owner_name(role: str) -> str:
+    """Who claims jobs in a shared database: the host and the role of this process."""
+    return f"{socket.gethostname()}:{role}"[:128]
+
+
 class JobStore:
-    def __init__(self, engine: Engine, settings: JobSettings) -> None:
+    """The job table. ``owner`` (set where several processes share a PostgreSQL table)
+    is stamped on every claim, and :meth:`recover` then takes back only this owner's
+    jobs, never the ones another live receiver or worker is running."""
+
+    def __init__(self, engine: Engine, settings: JobSettings, *,
+                 owner: str | None = None) -> None:
         self.engine = engine
         self.settings = settings
+        self.owner = owner
+        self._skip_locked = is_postgresql(engine)
 
     def add(self, session: Session, spec: JobSpec) -> bool:
         """Insert in the caller's transaction; a job with the same key is not added twice."""
@@ -146,6 +166,8 @@ class JobStore:
                 query = query.where(JobRow.kind.in_(kinds))
             if queues is not None:
                 query = query.where(JobRow.queue.in_(queues))
+            if self.owner is not None:
+                query = query.where(or_(JobRow.owner == self.owner, JobRow.owner.is_(None)))
             result = session.execute(
                 query.values(state=JobStateValues.PENDING.value, updated_at=utcnow())
             )
@@ -178,6 +200,17 @@ class JobStore:
             log.warning("requeued %d job(s) whose runner stopped sending heartbeats", count)
         return count
 
+    def release_owner(self, owner: str) -> int:
+        """Put back the in-flight jobs of a claimer that will not come back (a host gone
+        for good); each keeps its step. Run it only when that claimer is really stopped."""
+        with Session(self.engine) as session, session.begin():
+            result = session.execute(
+                update(JobRow).where(JobRow.state.in_(IN_FLIGHT), JobRow.owner == owner)
+                .values(state=JobStateValues.PENDING.value, updated_at=utcnow()))
+            count = int(getattr(result, "rowcount", 0) or 0)
+        log.warning("released %d in-flight job(s) of %s", count, owner)
+        return count
+
     def claim(self, kinds: set[str], queues: set[str] | None = None) -> Job | None:
         """Take the most urgent claimable job of the given kinds (and queues), atomically."""
         now = utcnow()
@@ -187,6 +220,8 @@ class JobStore:
                 or_(JobRow.not_before.is_(None), JobRow.not_before <= now))
             if queues is not None:
                 query = query.where(JobRow.queue.in_(queues))
+            if self._skip_locked:
+                return self._claim_locked(session, query, now)
             candidates = session.scalars(
                 query
                 .order_by(JobRow.priority.desc(), JobRow.id)
@@ -197,13 +232,30 @@ class JobStore:
                     update(JobRow)
                     .where(JobRow.id == row.id, JobRow.state == row.state)
                     .values(state=JobStateValues.RUNNING.value, attempts=JobRow.attempts + 1,
-                            updated_at=now)
+                            owner=self.owner, updated_at=now)
                 )
                 if getattr(claimed, "rowcount", 0) == 1:
                     session.flush()
                     session.refresh(row)
                     return Job.from_row(row)
         return None
+
+    def _claim_locked(self, session: Session, query: Select[Any],
+                      now: datetime) -> Job | None:
+        """PostgreSQL: lock the most urgent row, skipping rows other claimers hold, so
+        concurrent claimers never wait for each other nor take the same job."""
+        row: JobRow | None = session.scalars(
+            query.order_by(JobRow.priority.desc(), JobRow.id).limit(1)
+            .with_for_update(skip_locked=True)
+        ).first()
+        if row is None:
+            return None
+        row.state = JobStateValues.RUNNING.value
+        row.attempts += 1
+        row.owner = self.owner
+        row.updated_at = now
+        session.flush()
+        return Job.from_row(row)
 
     def advance(self, job_id: int, state: JobStateValues, *, step: str | None = None) -> None:
         self._set(job_id, state=state.value, step=step, last_error=None, not_before=None)
@@ -355,7 +407,7 @@ class JobRunner:
             self._running.add(job.id)
         try:
             self.handlers[job.kind](job, self.store)
-        except DeliveryError as exc:
+        except (DeliveryError, ExecutorError) as exc:
             state = self.store.fail(job.id, str(exc), retryable=exc.retryable)
             log.warning("job %d (%s) failed: %s -> %s", job.id, job.kind, exc, state.value)
         except PacsnodeError as exc:

@@ -7,13 +7,13 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from node.db import InstanceRow, SeriesRow, StudyRow, make_engine
+from node.db import InstanceRow, SeriesRow, StudyRow, open_database
 from node.jobs import Job
 from node.settings import Settings
 
 
 def list_studies(settings: Settings, *, limit: int = 50) -> list[dict[str, Any]]:
-    engine = make_engine(settings.storage.database)
+    engine = open_database(settings.storage)
     with Session(engine) as session:
         rows = session.scalars(
             select(StudyRow).order_by(StudyRow.last_received_at.desc()).limit(limit)).all()
@@ -39,7 +39,7 @@ def list_studies(settings: Settings, *, limit: int = 50) -> list[dict[str, Any]]
 
 
 def study_detail(settings: Settings, uid: str) -> dict[str, Any] | None:
-    engine = make_engine(settings.storage.database)
+    engine = open_database(settings.storage)
     with Session(engine) as session:
         st = session.get(StudyRow, uid)
         if st is None:
@@ -79,6 +79,7 @@ def job_dict(job: Job) -> dict[str, Any]:
         "payload": dict(job.payload), "last_error": job.last_error,
         "not_before": job.not_before.isoformat() if job.not_before else None,
         "created_at": job.created_at.isoformat(), "updated_at": job.updated_at.isoformat(),
+        "owner": job.owner,
     }
 
 

@@ -92,6 +92,7 @@ class NodeSettings(_Section):
 class StorageSettings(_Section):
     spool: Path = Path("var/spool")
     database: str = "sqlite:///var/pacsnode.db"
+    database_password_file: Path | None = None      # PostgreSQL password, kept out of the URL
     fsync: bool = True
     min_free_mb: Annotated[int, Field(ge=0)] = 256
     audit_log: Path = Path("var/audit.jsonl")
@@ -121,6 +122,17 @@ class JobSettings(_Section):
     retry_base_seconds: Annotated[float, Field(gt=0)] = 5.0
     retry_max_seconds: Annotated[float, Field(gt=0)] = 600.0
     workers: Annotated[int, Field(ge=1, le=64)] = 2
+
+
+class ExecutorSettings(_Section):
+    """Where ``infer`` jobs run: ``local`` worker processes (one per device queue) or the
+    model actors of a Ray cluster (node/inference/ray_executor.py)."""
+
+    kind: Literal["local", "ray"] = "local"
+    address: str = "auto"               # Ray: "host:port" of the head, or "auto"
+    namespace: Name = "pacsnode"
+    task_timeout_seconds: Annotated[float, Field(gt=0)] = 900.0
+    max_in_flight: Annotated[int, Field(ge=1, le=256)] = 8
 
 
 def _check_http_auth(username: str | None, password_file: Path | None,
@@ -276,6 +288,10 @@ class ModelSettings(_Section):
     seg_type: Literal["binary", "fractional"] = "binary"   # fractional: probabilities
     classes: tuple[ClassSettings, ...] = ()     # a classifier's outputs (default: bundle's)
     input_size: tuple[int, int, int] | None = None   # classifier input grid (resized to)
+    # executor = "ray": what each model actor requests, and how many actors serve the model
+    num_gpus: Annotated[float, Field(ge=0)] | None = None     # default: 1 on cuda, else 0
+    num_cpus: Annotated[float, Field(ge=0)] = 1.0
+    replicas: Annotated[int, Field(ge=1, le=64)] = 1
 
     @model_validator(mode="after")
     def _plugin_named(self) -> ModelSettings:
@@ -366,6 +382,7 @@ class Settings(_Section):
     jobs: JobSettings = JobSettings()
     schedule: ScheduleSettings = ScheduleSettings()
     retention: RetentionSettings = RetentionSettings()
+    executor: ExecutorSettings = ExecutorSettings()
     destinations: tuple[DestinationSettings, ...] = ()
     sources: tuple[SourceSettings, ...] = ()
     models: tuple[ModelSettings, ...] = ()
@@ -467,7 +484,7 @@ def _known_keys() -> list[str]:
         Settings, NodeSettings, StorageSettings, HttpSettings, AssemblySettings, JobSettings,
         AllowedCaller, DestinationSettings, SourceSettings, ModelSettings, RouteSettings,
         TlsSettings, ClassSettings, CodeSettings, ScheduleSettings, RetentionSettings,
-        FinetuneSettings,
+        FinetuneSettings, ExecutorSettings,
     ]
     return sorted({key for model in sections for key in model.model_fields})
 
@@ -480,7 +497,7 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     """Make relative paths relative to the file that names them (DESIGN: config shape)."""
     storage = raw.get("storage")
     if isinstance(storage, dict):
-        for key in ("spool", "audit_log"):
+        for key in ("spool", "audit_log", "database_password_file"):
             if key in storage:
                 storage[key] = _resolve(base, storage[key])
         db = storage.get("database")

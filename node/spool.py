@@ -48,17 +48,22 @@ class StagedFile:
 
 
 class Spool:
-    def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0) -> None:
+    def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0,
+                 staging: str | None = None) -> None:
+        """``staging``: a private folder under ``.tmp/`` for a receiver that shares the
+        spool with others (each cleans only its own half-written files at start)."""
         self.root = root
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
-        self._tmp = root / TMP_DIR
+        self._tmp = root / TMP_DIR / staging if staging else root / TMP_DIR
 
     def prepare(self) -> int:
         """Create the folders; remove half-written files a crash left behind. Returns how many."""
         self._tmp.mkdir(parents=True, exist_ok=True)
         removed = 0
         for leftover in self._tmp.iterdir():
+            if leftover.is_dir():
+                continue            # another receiver's staging folder (shared spool)
             leftover.unlink(missing_ok=True)
             removed += 1
         if removed:

@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -27,13 +27,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.audit import NO_AUDIT, AuditLog
-from node.db import JobRow, make_engine
+from node.db import JobRow, is_postgresql, open_database
 from node.errors import ModelError
 from node.finetune.registry import active_model_settings
 from node.forward import deliver, job_files
 from node.inference.runner import ModelInfo, ModelPool, Prediction
 from node.inference.volume import Volume, load_volume
-from node.jobs import Job, JobHandler, JobRunner, JobStateValues, JobStore
+from node.jobs import Job, JobHandler, JobRunner, JobStateValues, JobStore, owner_name
 from node.notify import notify
 from node.ports import Sender
 from node.results.seg import build_seg
@@ -57,6 +57,8 @@ class SavedPrediction:
     path: Path
     voxels: dict[int, int]
     volume_mm3: dict[int, float]
+    ran_on: str | None = None           # where it ran, when not in this process (Ray node)
+    seconds: dict[str, float] = field(default_factory=dict)   # per stage (infer_series)
 
 
 def save_prediction(directory: Path, prediction: Prediction, volume: Volume) -> SavedPrediction:
@@ -126,10 +128,20 @@ def encode_results(job: Job, prediction: Prediction, volume: Volume, files: Sequ
     return written
 
 
+Predict = Callable[[Job, Settings, Path], "SavedPrediction"]
+
+
 def make_infer_handler(engine: Any, current: Callable[[], Settings], pool: ModelPool,
                        sender: Sender | None = None,
                        on_predicted: Callable[[], None] = lambda: None,
-                       audit: AuditLog = NO_AUDIT) -> JobHandler:
+                       audit: AuditLog = NO_AUDIT, *,
+                       predict: Predict | None = None) -> JobHandler:
+    """predict → encode SEG/SR → ENCODED → deliver → DONE. ``predict`` runs the model
+    and writes the results into the job's folder: here by default, or on a Ray actor
+    (node/inference/ray_executor.py)."""
+    run: Predict = predict or (lambda job, settings, out_dir: _predict_and_encode(
+        engine, settings, pool, job, out_dir))
+
     def handle(job: Job, store: JobStore) -> None:
         settings = current()
         served = set(pool.loaded())
@@ -140,14 +152,15 @@ def make_infer_handler(engine: Any, current: Callable[[], Settings], pool: Model
         out_dir = results_root(settings) / f"job-{job.id}"
         if not (job.step or "").startswith("encoded"):
             started = datetime.now(UTC)
-            saved, seconds = _predict_and_encode(engine, settings, pool, job, out_dir)
+            saved = run(job, settings, out_dir)
+            where = {"ran_on": saved.ran_on} if saved.ran_on else {}
             audit.write("inferred", job.study_instance_uid, job=job.id,
                         series_instance_uid=job.series_instance_uid,
                         model=job.payload.get("model"),
                         volume_mm3={str(k): round(v, 1) for k, v in saved.volume_mm3.items()},
                         results=[p.name for p in sorted(out_dir.glob("*.dcm"))],
                         started=started.isoformat(timespec="milliseconds"),
-                        seconds={k: round(v, 3) for k, v in seconds.items()})
+                        seconds={k: round(v, 3) for k, v in saved.seconds.items()}, **where)
             on_predicted()
             store.advance(job.id, JobStateValues.ENCODED, step="encoded;")
             job = store.get(job.id)
@@ -162,17 +175,25 @@ def make_infer_handler(engine: Any, current: Callable[[], Settings], pool: Model
 
 
 def _predict_and_encode(engine: Any, settings: Settings, pool: ModelPool, job: Job,
-                        out_dir: Path) -> tuple[SavedPrediction, dict[str, float]]:
-    """Predict and write SEG/SR; also returns the seconds each stage took (the audit log
-    and bench/latency.py read them): ``volume`` (read and stack the files), ``predict``
-    (model call, including a load if the model was not resident), ``encode`` (save the
-    arrays, build and write SEG and SR)."""
+                        out_dir: Path) -> SavedPrediction:
+    files = job_files(engine, settings.storage.spool, job)
+    return infer_series(pool, job, files, out_dir,
+                        predecessor=previous_sr(engine, settings, job))
+
+
+def infer_series(pool: ModelPool, job: Job, files: Sequence[Path], out_dir: Path, *,
+                 predecessor: Path | None = None) -> SavedPrediction:
+    """The part of an ``infer`` job that needs the model and the files, not the database:
+    load the series, predict, save the prediction, write SEG + SR into ``out_dir``. The
+    result carries the seconds each stage took (the audit log and bench/latency.py read
+    them): ``volume`` (read and stack the files), ``predict`` (model call, including a
+    load if the model was not resident), ``encode`` (save the arrays, build and write SEG
+    and SR)."""
     model = str(job.payload.get("model", ""))
     clock = time.perf_counter()
     if job.series_instance_uid is None:
         raise ModelError(f"route {job.route} runs {model} on a whole study; give the route "
                          f"a select block so the model gets one series")
-    files = job_files(engine, settings.storage.spool, job)
     volume = load_volume(files, series_instance_uid=job.series_instance_uid)
     seconds = {"volume": time.perf_counter() - clock}
     clock = time.perf_counter()
@@ -188,9 +209,9 @@ def _predict_and_encode(engine: Any, settings: Settings, pool: ModelPool, job: J
               for f in files}
     ordered = [by_uid[uid] for uid in dict.fromkeys(volume.sop_instance_uids)]
     encode_results(job, prediction, volume, ordered, pool.runner(model).info, out_dir,
-                   predecessor=_previous_sr(engine, settings, job))
+                   predecessor=pydicom.dcmread(predecessor) if predecessor else None)
     seconds["encode"] = time.perf_counter() - clock
-    return saved, seconds
+    return replace(saved, seconds=seconds)
 
 
 def _classes_text(prediction: Prediction) -> str:
@@ -200,7 +221,7 @@ def _classes_text(prediction: Prediction) -> str:
                                               for p in prediction.class_probabilities)
 
 
-def _previous_sr(engine: Any, settings: Settings, job: Job) -> Dataset | None:
+def previous_sr(engine: Any, settings: Settings, job: Job) -> Path | None:
     """The SR of this route's job for an earlier generation of the same series and model."""
     with Session(engine) as session:
         rows = session.execute(
@@ -214,7 +235,7 @@ def _previous_sr(engine: Any, settings: Settings, job: Job) -> Dataset | None:
             continue
         path = results_root(settings) / f"job-{job_id}" / "sr.dcm"
         if path.is_file():
-            return pydicom.dcmread(path)
+            return path
     return None
 
 
@@ -234,18 +255,28 @@ class WorkerNode:
         (one worker per device queue); None serves every model."""
         self.settings = settings
         self.device = device
-        self.engine = make_engine(settings.storage.database)
-        self.jobs = JobStore(self.engine, settings.jobs)
+        self.engine = open_database(settings.storage)
+        self.jobs = JobStore(self.engine, settings.jobs, owner=owner_name(
+            f"worker:{device or 'all'}") if is_postgresql(self.engine) else None)
         models = [m for m in settings.models if device is None or m.device == device]
         active = {m.name: m for m in active_model_settings(settings)}
         self.pool = ModelPool({m.name: active[m.name] for m in models})
         self.queues = {device} if device is not None else None
-        audit = AuditLog(settings.storage.audit_log)
-        self.runner = JobRunner(self.jobs, {"infer": make_infer_handler(
-            self.engine, lambda: self.settings, self.pool, sender,
-            lambda: write_status(self.settings, self.pool, device), audit)}, workers=1,
-            queues=self.queues, audit=audit)
+        self.audit = AuditLog(settings.storage.audit_log)
+        self.runner = self._make_runner(sender)
         self._stop = threading.Event()
+
+    def _make_runner(self, sender: Sender | None) -> JobRunner:
+        return JobRunner(self.jobs, {"infer": make_infer_handler(
+            self.engine, lambda: self.settings, self.pool, sender,
+            lambda: write_status(self.settings, self.pool, self.device), self.audit)},
+            workers=1, queues=self.queues, audit=self.audit)
+
+    def close(self) -> None:
+        """Release what the runner holds (the local pool needs nothing)."""
+
+    def write_status(self) -> None:
+        write_status(self.settings, self.pool, self.device)
 
     def serve_forever(self) -> None:
         def _signal(signum: int, _frame: FrameType | None) -> None:
@@ -257,7 +288,7 @@ class WorkerNode:
         signal.signal(signal.SIGUSR1, lambda _s, _f: self.runner.wake())
         self.settings.storage.spool.mkdir(parents=True, exist_ok=True)
         self.jobs.recover(kinds={"infer"}, queues=self.queues)   # only this worker's queue
-        write_status(self.settings, self.pool, self.device)
+        self.write_status()
         self.runner.start()
         log.info("worker ready: %d model(s) configured", len(self.settings.models))
         notify("READY=1")
@@ -269,5 +300,6 @@ class WorkerNode:
                     break
         finally:
             self.runner.stop()
+            self.close()
             status_file(self.settings, self.device).unlink(missing_ok=True)
             self.engine.dispose()
