@@ -11,6 +11,7 @@ resampling), HU clipped to a window and scaled to [0, 1], 64^3 patches. Retrain 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import dataclasses
 import datetime
 import logging
@@ -40,7 +41,7 @@ SW_BATCH_SIZE = 4
 BLEND_MODE = "gaussian"
 NETWORK_ARGS: dict[str, object] = {
     "spatial_dims": 3, "in_channels": 1, "out_channels": 2,
-    "channels": [8, 8, 16, 32, 64, 128], "strides": [1, 1, 2, 2, 2], "num_res_units": 0,
+    "channels": [4, 16, 32, 64, 128], "strides": [1, 2, 2, 2], "num_res_units": 0,
     "norm": "INSTANCE"}
 # Training geometry: what the model was trained and validated on (see the model card).
 PIXEL_SPACING_MM = (0.6, 1.2)
@@ -240,6 +241,18 @@ def _save_checkpoint(path: Path, *, epoch: int, net: torch.nn.Module,
     tmp.replace(path)
 
 
+def _init_from(net: torch.nn.Module, path: Path) -> None:
+    """Start from another model's weights: every tensor they share must match in shape;
+    what only this network has (e.g. batch-norm parameters where the other used instance
+    norm) keeps its fresh initial value."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    result = net.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise SystemExit(f"--init {path}: tensors this network lacks: {result.unexpected_keys}")
+    log.info("initialised from %s (%d tensors new: %s)", path, len(result.missing_keys),
+             ", ".join(sorted({k.rsplit(".", 1)[-1] for k in result.missing_keys})))
+
+
 def train(args: argparse.Namespace) -> None:
     if not 1 <= args.volumes <= 500:
         raise SystemExit(f"--volumes: expected 1..500, got {args.volumes}")
@@ -253,6 +266,8 @@ def train(args: argparse.Namespace) -> None:
     volumes = [make_volume(s, rng) for s in train_seeds]
     log.info("generated %d training phantoms in %.0f s", len(volumes), time.monotonic() - started)
     net = build_network().to(device)
+    if args.init:
+        _init_from(net, Path(args.init))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     total = args.epochs * STEPS_PER_EPOCH
@@ -304,6 +319,9 @@ def train(args: argparse.Namespace) -> None:
         "validation_seed_range": [val_seeds.start, val_seeds.stop - 1],
         "train_time_s": round(train_time), "device": str(device),
         "torch_threads": torch.get_num_threads(),
+        "initialised_from": (f"{args.init} (sha256 "
+                             f"{hashlib.sha256(Path(args.init).read_bytes()).hexdigest()})"
+                             if args.init else None),
     }, validation=results)
     log.info("wrote %s (validation Dice %s)", args.out, [r["dice"] for r in results])
 
@@ -315,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--volumes", type=int, default=32, help="training phantoms (<= 500)")
     parser.add_argument("--seed", type=int, default=0, help="seed for everything")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    parser.add_argument("--init", default=None,
+                        help="model.pt to start from (e.g. the previous version's weights)")
     parser.add_argument("--checkpoint", default=None,
                         help="file to save after every epoch and to resume from if present")
     parser.add_argument("--out", default=str(Path(__file__).parent / "lesion_ct"),
