@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tomllib
 import os
 import shutil
 import signal
@@ -107,6 +108,10 @@ class NodeProcess:
             [sys.executable, "-m", "node.cli", "serve", "-c", str(self.config)],
             stdout=log, stderr=subprocess.STDOUT, env=TCP_ENV, cwd=ROOT)
         wait_port(self.port, proc=self.proc)
+        # the admin API opens just after the DICOM listener; a test may use it at once
+        http = tomllib.loads(self.config.read_text()).get("http", {})
+        if http.get("port"):
+            wait_port(int(http["port"]), proc=self.proc)
         return self
 
     def log(self) -> str:
