@@ -36,7 +36,7 @@ from node.inference.volume import Volume, load_volume
 from node.jobs import Job, JobHandler, JobRunner, JobStateValues, JobStore, owner_name
 from node.notify import notify
 from node.ports import Sender
-from node.results.seg import build_seg
+from node.results.seg import build_seg, label_counts
 from node.results.sr import build_sr
 from node.settings import Settings
 
@@ -84,8 +84,7 @@ def save_prediction(directory: Path, prediction: Prediction, volume: Volume) -> 
     voxel_mm3 = float(np.prod(volume.spacing))
     if prediction.labels is None:
         return SavedPrediction(final, {}, {})
-    values, counts = np.unique(prediction.labels, return_counts=True)
-    voxels = {int(v): int(c) for v, c in zip(values, counts, strict=True) if v != 0}
+    voxels = {v: c for v, c in label_counts(prediction.labels).items() if v != 0}
     return SavedPrediction(final, voxels, {v: c * voxel_mm3 for v, c in voxels.items()})
 
 

@@ -68,6 +68,18 @@ def check_text(name: str, text: str, limit: int = _MAX_LO) -> str:
     return text
 
 
+def label_counts(labels: npt.NDArray[np.integer]) -> dict[int, int]:
+    """{label value: voxel count} for the values present. One counting pass (bincount)
+    for the usual unsigned label maps: np.unique sorts, which costs seconds on a
+    300-slice 512x512 volume."""
+    flat = labels.ravel()
+    if flat.size and labels.dtype.kind in "ub" and labels.dtype.itemsize <= 2:
+        counts = np.bincount(flat.view(np.uint8) if labels.dtype.kind == "b" else flat)
+        return {int(v): int(counts[v]) for v in np.flatnonzero(counts)}
+    found, counts = np.unique(flat, return_counts=True)
+    return {int(v): int(n) for v, n in zip(found, counts, strict=True)}
+
+
 def present_specs(labels: npt.NDArray[np.integer], label_specs: Sequence[LabelLike],
                   ) -> tuple[list[LabelLike], dict[int, int]]:
     """Label specs sorted by value, and {label value: voxel count} for every spec.
@@ -79,12 +91,11 @@ def present_specs(labels: npt.NDArray[np.integer], label_specs: Sequence[LabelLi
         raise ResultError("label_specs: expected at least one LabelSpec, got none")
     if len(set(values)) != len(values) or min(values) < 1:
         raise ResultError(f"label_specs: expected unique label values > 0, got {values}")
-    found, counts = np.unique(labels, return_counts=True)
-    unknown = sorted(int(v) for v in found if v != 0 and int(v) not in set(values))
+    voxels = label_counts(labels)
+    unknown = sorted(v for v in voxels if v != 0 and v not in set(values))
     if unknown:
         raise ResultError(f"labels: values {unknown} have no LabelSpec (known: "
                           f"{sorted(values)}); describe every class the model outputs")
-    voxels = {int(v): int(n) for v, n in zip(found, counts)}
     ordered = sorted(label_specs, key=lambda s: int(s.value))
     return ordered, {int(s.value): voxels.get(int(s.value), 0) for s in ordered}
 

@@ -364,3 +364,14 @@ def test_fractional_seg_carries_probabilities(case: Case, tmp_path: Path) -> Non
         skip_overlap_checks=True)[..., 0]
     # 8-bit quantisation (MaximumFractionalValue 255): within 1/255 of what was written
     assert np.abs(pixels - probabilities[0]).max() <= 1 / 255 + 1e-3
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.bool_, np.int16])
+def test_label_counts_agree_with_unique(dtype: Any) -> None:
+    from node.results.seg import label_counts
+    rng = np.random.default_rng(4)
+    labels = rng.integers(-2 if dtype == np.int16 else 0, 2 if dtype == np.bool_ else 5,
+                          size=(6, 7, 8)).astype(dtype)
+    found, counts = np.unique(labels, return_counts=True)
+    assert label_counts(labels) == {int(v): int(n) for v, n in zip(found, counts, strict=True)}
+    assert label_counts(np.zeros((0, 3, 3), dtype=dtype)) == {}
