@@ -105,6 +105,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging(args.log_level)
     if args.role == "worker":
+        # The receiver nudges workers with SIGUSR1 when it queues work; until the worker's
+        # runner installs its handler, a nudge must not kill it (the default action).
+        import signal
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         from adapters.senders import AnySender
         from node.inference.service import WorkerNode
 
