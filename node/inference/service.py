@@ -99,14 +99,16 @@ def write_dicom(path: Path, ds: Dataset) -> Path:
     return path
 
 
-def encode_results(job: Job, prediction: Prediction, volume: Volume, files: Sequence[Path],
+def encode_results(job: Job, prediction: Prediction, volume: Volume,
+                   files: Sequence[Path | Dataset],
                    info: ModelInfo, out_dir: Path, *,
                    predecessor: Dataset | None = None) -> list[Path]:
     """SEG (when the model segments and found something) and TID 1500 SR (measurements
     and/or class probabilities), with UIDs derived from the job key
     and the model version, so a re-encode after a crash produces the same objects. A
     follow-up (late images) names the earlier SR as its predecessor, superseding it."""
-    source = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    source = [f if isinstance(f, Dataset) else pydicom.dcmread(f, stop_before_pixels=True)
+              for f in files]     # headers only: the SEG references them, needs no pixels
     common: dict[str, Any] = {
         "model": prediction.model, "version": prediction.version,
         "weights_sha256": prediction.weights_sha256, "job_key": job.key,
@@ -204,8 +206,8 @@ def infer_series(pool: ModelPool, job: Job, files: Sequence[Path], out_dir: Path
              prediction.version, prediction.device, prediction.seconds,
              ", ".join(f"label {k}: {v:.0f} mm3" for k, v in saved.volume_mm3.items())
              or _classes_text(prediction) or "nothing found")
-    by_uid = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f
-              for f in files}
+    headers = (pydicom.dcmread(f, stop_before_pixels=True) for f in files)
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in headers}
     ordered = [by_uid[uid] for uid in dict.fromkeys(volume.sop_instance_uids)]
     encode_results(job, prediction, volume, ordered, pool.runner(model).info, out_dir,
                    predecessor=pydicom.dcmread(predecessor) if predecessor else None)
