@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import queue
@@ -37,7 +36,7 @@ from node.settings import Settings, load_settings
 from node.pull import Puller
 from node.retention import Retention
 from node.schedule import Scheduler, Task, cron, every
-from node.spool import Spool
+from node.spool import Spool, worker_statuses
 from node.stow import StowReceiver
 
 log = logging.getLogger(__name__)
@@ -83,9 +82,9 @@ def wake_workers(spool: Path) -> None:
     instead of at their next poll of the job table. Workers announce themselves in
     ``<spool>/.worker-status*.json``; the signal (SIGUSR1) goes only to a live process
     that is a pacsnode worker, never to whatever reused a stale pid."""
-    for status in spool.glob(".worker-status*.json"):
+    for status in worker_statuses(spool):
         try:
-            pid = int(json.loads(status.read_text())["pid"])
+            pid = int(status["pid"])
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError, KeyError, TypeError):
             continue

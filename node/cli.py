@@ -199,19 +199,14 @@ def _series_files(settings: Settings, target: str, series: str | None) -> list[A
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    import json as _json
-
     from node.inference.runner import pick_device, read_info
-    from node.inference.service import status_file
+    from node.spool import worker_statuses
 
     settings = _settings(args)
     loaded: dict[str, bool] = {}
-    for path in status_file(settings).parent.glob(".worker-status*.json"):
-        try:
-            for name, is_loaded in _json.loads(path.read_text()).get("loaded", {}).items():
-                loaded[name] = loaded.get(name, False) or bool(is_loaded)
-        except (OSError, ValueError):
-            continue
+    for status in worker_statuses(settings.storage.spool):
+        for name, is_loaded in status.get("loaded", {}).items():
+            loaded[name] = loaded.get(name, False) or bool(is_loaded)
     from node.finetune.registry import Registry, active_model_settings, registry_root
 
     rows = []

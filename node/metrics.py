@@ -3,7 +3,6 @@ watches (counters here, job states and disk from the database and the file syste
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 from collections import Counter
@@ -13,6 +12,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from node.db import JobRow
+from node.spool import worker_statuses
 
 
 class Metrics:
@@ -74,11 +74,7 @@ def exposition(metrics: Metrics, engine: Engine, spool: Path) -> str:
             samples.setdefault("pacsnode_delivery_failures", []).append(
                 ((("state", state),), float(count)))
     samples["pacsnode_spool_free_bytes"] = [((), float(shutil.disk_usage(spool).free))]
-    for status in spool.glob(".worker-status*.json"):
-        try:
-            data = json.loads(status.read_text())
-        except (OSError, ValueError):
-            continue
+    for data in worker_statuses(spool):
         for model, seconds in data.get("seconds", {}).items():
             samples.setdefault("pacsnode_inference_seconds_total", []).append(
                 ((("model", model),), float(seconds)))

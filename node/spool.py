@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from node.errors import StorageError, StorageFullError
 
@@ -25,6 +27,19 @@ log = logging.getLogger(__name__)
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 TMP_DIR = ".tmp"
+
+
+def worker_statuses(spool: Path) -> Iterator[dict[str, Any]]:
+    """What each worker process announced in ``<spool>/.worker-status*.json`` (its pid,
+    models loaded, run counts; written by node/inference/service.py write_status).
+    Files that vanish or are half-written are skipped."""
+    for path in spool.glob(".worker-status*.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            yield data
 
 
 def safe_component(uid: str) -> str:
