@@ -173,17 +173,15 @@ class Intake:
 
     def _index_retrying(self, header: InstanceHeader, rel: str, staged: StagedFile,
                         peer: AssociationInfo | None) -> StoreOutcome:
-        for _ in range(_CONFLICT_TRIES - 1):
+        conflict = _Conflict()
+        for _ in range(_CONFLICT_TRIES):
             try:
                 return self._index(header, rel, staged, peer)
-            except _Conflict:
+            except _Conflict as exc:
                 # another receiver sharing the database inserted the same study, series
                 # or instance first: the next try finds its rows
-                continue
-        try:
-            return self._index(header, rel, staged, peer)
-        except _Conflict as exc:
-            raise StorageError(f"indexing failed: {exc}") from exc
+                conflict = exc
+        raise StorageError(f"indexing failed: {conflict}") from conflict
 
     def _index(self, header: InstanceHeader, rel: str, staged: StagedFile,
                peer: AssociationInfo | None) -> StoreOutcome:

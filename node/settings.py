@@ -135,6 +135,13 @@ class ExecutorSettings(_Section):
     max_in_flight: Annotated[int, Field(ge=1, le=256)] = 8
 
 
+def _require_dimse_peer(section: BaseModel) -> None:
+    """A DIMSE destination or source names its peer: AE title, host and port."""
+    missing = [k for k in ("ae_title", "host", "port") if getattr(section, k) is None]
+    if missing:
+        raise ValueError(f"the keys {', '.join(missing)} for kind = \"dimse\"")
+
+
 def _check_http_auth(username: str | None, password_file: Path | None,
                      token_file: Path | None) -> None:
     if (username is None) != (password_file is None):
@@ -164,9 +171,7 @@ class DestinationSettings(_Section):
     @model_validator(mode="after")
     def _fields_for_kind(self) -> DestinationSettings:
         if self.kind == "dimse":
-            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
-            if missing:
-                raise ValueError(f"the keys {', '.join(missing)} for kind = \"dimse\"")
+            _require_dimse_peer(self)
         elif self.url is None:
             raise ValueError("the key url for kind = \"dicomweb\"")
         _check_http_auth(self.username, self.password_file, self.token_file)
@@ -200,9 +205,7 @@ class SourceSettings(_Section):
     @model_validator(mode="after")
     def _fields_for_kind(self) -> SourceSettings:
         if self.kind == "dimse":
-            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
-            if missing:
-                raise ValueError(f"the keys {', '.join(missing)} for kind = \"dimse\"")
+            _require_dimse_peer(self)
             http = [k for k in ("url", "token_file", "username", "password_file")
                     if getattr(self, k) is not None]
             if http:
