@@ -41,7 +41,8 @@ if str(ROOT) not in sys.path:
 from bench.common import append_results, command_line, machine, revision  # noqa: E402
 from node import synth  # noqa: E402
 from tests.support import (  # noqa: E402
-    TCP_ENV, NodeProcess, Orthanc, free_port, storescu, wait_for, write_config)
+    TCP_ENV, NodeProcess, Orthanc, free_port, proc_status_kib, storescu, wait_for,
+    write_config)
 
 BUNDLE = ROOT / "models" / "lesion_ct"
 
@@ -60,10 +61,7 @@ def _query(db: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
 
 
 def _hwm_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return proc_status_kib(pid, "VmHWM") / 1024
 
 
 # -- part 1: completion -------------------------------------------------------------------

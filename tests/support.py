@@ -142,6 +142,14 @@ def storescu(port: int, files: Sequence[Path | str], *, aec: str = "PACSNODE",
         capture_output=True, text=True, env=TCP_ENV, timeout=timeout)
 
 
+def proc_status_kib(pid: int, field: str) -> int:
+    """A memory figure of a live process from /proc/PID/status (VmRSS, VmHWM...), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(f"{field} not in /proc/{pid}/status")
+
+
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None
 

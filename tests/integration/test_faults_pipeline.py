@@ -16,7 +16,7 @@ import pytest
 from node import synth
 from tests.integration.dbview import IndexView
 from tests.integration.test_faults import _acknowledged
-from tests.support import TCP_ENV, storescu, wait_for
+from tests.support import TCP_ENV, proc_status_kib, storescu, wait_for
 from tests.unit.test_runner import make_bundle
 
 pytestmark = pytest.mark.integration
@@ -101,13 +101,6 @@ def test_kill_9_of_receiver_and_worker_in_a_stream_delivers_each_study_once(
     assert "worker process" in node.log() and "restarting" in node.log()
 
 
-def _rss_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"{field} not in /proc/{pid}/status")
-
-
 def test_twenty_parallel_associations_store_everything_in_bounded_memory(
         dcmtk: None, node_factory: Any, tmp_path: Path) -> None:
     node = node_factory(node={"max_associations": 24}).start()
@@ -117,7 +110,7 @@ def test_twenty_parallel_associations_store_everything_in_bounded_memory(
     series = [synth.write_study(synth.make_study(
         synth.SeriesSpec(slices=10, rows=256, columns=256), seed=500 + i),
         tmp_path / f"s{i}") for i in range(senders)]
-    baseline = _rss_kib(node.proc.pid, "VmRSS")
+    baseline = proc_status_kib(node.proc.pid, "VmRSS")
     procs = [subprocess.Popen(
         ["storescu", "-aec", "PACSNODE", "127.0.0.1", str(node.port), *map(str, files)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=TCP_ENV)
@@ -127,7 +120,7 @@ def test_twenty_parallel_associations_store_everything_in_bounded_memory(
     expected = set().union(*(_uids(files) for files in series))
     assert index.sop_uids() == expected
     assert index.counts()[2] == senders * 10
-    peak = _rss_kib(node.proc.pid, "VmHWM")
+    peak = proc_status_kib(node.proc.pid, "VmHWM")
     grown_mib = (peak - baseline) / 1024
     print(f"receiver RSS {baseline / 1024:.0f} MiB before, peak {peak / 1024:.0f} MiB "
           f"during 20 associations (+{grown_mib:.0f} MiB)")
