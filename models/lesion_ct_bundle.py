@@ -60,7 +60,7 @@ def _metadata(model: dict[str, Any], training: dict[str, Any], validation: list[
                   "0.8.1/meta_schema_20220324.json",
         "name": model["name"],
         "version": model["version"],
-        "changelog": {model["version"]: "first reference model, trained on synthetic phantoms"},
+        "changelog": model["changelog"],
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
@@ -126,8 +126,10 @@ def _card(meta: dict[str, Any]) -> str:
     net = ", ".join(f"{k}={v}" for k, v in tr["network"].items())
     radius, bright, dark = (geo[k] for k in ("lesion_radius_mm", "contrast_bright_hu",
                                              "contrast_dark_hu"))
+    patch = tr.get("patch", [64, 64, 64])
     retrain = (f"--epochs {tr['epochs']} --volumes {tr['phantoms']} --seed {tr['seed']} "
-               f"--lr {tr['learning_rate']}")
+               f"--lr {tr['learning_rate']} --batch {tr['batch']} "
+               f"--roi {' '.join(map(str, patch))} --norm {tr['network']['norm']}")
     return f"""# {meta['name']} {meta['version']} — model card
 
 **Demo/reference model on synthetic data only. Not a medical device; NOT for clinical use.**
@@ -142,11 +144,12 @@ SCT 49755003 "Morphologically abnormal structure" / SCT 52988006 "Lesion".
 ## Network
 MONAI `UNet({net})`; {pn['training']['parameters']:,} parameters,
 weights `models/model.pt` (state_dict, loads with `torch.load(..., weights_only=True)`),
-SHA-256 `{pn['weights_sha256']}`. The first two levels keep full resolution (strides 1, 1):
-the last nonlinear decoder layer then combines each voxel's own intensity with the
-upsampled context, which is what puts the mask boundary on the right voxel. (With a
-stride-2 first level the boundary comes from half-resolution features and ends up blurred
-and shifted by up to a voxel.)
+SHA-256 `{pn['weights_sha256']}`. The first level keeps full resolution (stride 1): the
+last nonlinear decoder layer then combines each voxel's own intensity with the upsampled
+context, which is what puts the mask boundary on the right voxel. (With a stride-2 first
+level the boundary comes from half-resolution features and ends up blurred and shifted by
+up to a voxel.) Instance normalisation: each patch is normalised by its own statistics, so
+the model was trained on patches of the same size as its inference ROI.
 
 ## Pre- and post-processing (fixed)
 1. Volume `(slices, rows, columns)` from the series, slices in ascending position along the
@@ -166,12 +169,11 @@ pixel spacing {geo['pixel_spacing_mm'][0]}–{geo['pixel_spacing_mm'][1]} mm, sl
 random lesions (1–3, contrast ±60–120 HU); half have 1–4 placed lesions of radius
 {radius[0]:g}–{radius[1]:g} mm, {bright[0]:g}–{bright[1]:g} HU brighter or
 {dark[0]:g}–{dark[1]:g} HU
-darker than soft tissue (40 HU). {tr['steps']} steps of
-{tr['batch']} random 64³ patches (60 % centred near a lesion), flips and row/column swap (no
-intensity augmentation: synthetic HU are exact); Dice + cross-entropy, Adam with one-cycle
-learning rate
-(peak {tr['learning_rate']}); seed {tr['seed']}; {tr['train_time_s']} s on {tr['device']}
-({tr['torch_threads']} threads), trained {tr['date']}.
+darker than soft tissue (40 HU). {tr['steps']} steps of {tr['batch']} random
+{'×'.join(map(str, patch))} patches (60 % centred near a lesion), flips and row/column swap
+(no intensity augmentation: synthetic HU are exact); Dice + cross-entropy, Adam with
+one-cycle learning rate (peak {tr['learning_rate']}); seed {tr['seed']};
+{tr['train_time_s']} s on {tr['device']} ({tr['torch_threads']} threads), trained {tr['date']}.
 
 ## Measured on fresh phantoms (validation seeds, never trained on)
 | seed | shape | pixel mm | slice mm | lesions | Dice |
