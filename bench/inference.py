@@ -71,11 +71,13 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--sw-batch", type=int, default=4, help="sliding-window batch size")
     parser.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
 
-    settings = ModelSettings(name="bench", path=Path(args.bundle), device=args.device)
+    settings = ModelSettings(name="bench", path=Path(args.bundle), device=args.device,
+                             sw_batch_size=args.sw_batch)
     spec = synth.SeriesSpec(slices=args.slices, rows=args.size, columns=args.size,
                             pixel_spacing_mm=350 / args.size, slice_thickness_mm=1.5, seed=9)
     study = synth.make_study(spec, seed=901)
@@ -95,8 +97,11 @@ def main() -> int:
         tensor = torch.from_numpy(np.clip((volume.array - lo) / (hi - lo), 0, 1)
                                   .astype(np.float32))[None, None].to(device)
 
+        amp = device.startswith("cuda") and settings.mixed_precision  # as the node does
+
         def bare() -> None:
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast(device_type="cuda" if amp else "cpu",
+                                                        enabled=amp):
                 scores = sliding_window_inference(tensor, info.roi_size,
                                                   settings.sw_batch_size, network,
                                                   overlap=info.overlap, mode=info.blend_mode)
@@ -126,7 +131,8 @@ def main() -> int:
         f"- command: `.venv/bin/python bench/inference.py {' '.join(sys.argv[1:])}`".rstrip(),
         f"- machine: {machine(device)}",
         f"- model: {info.name} {info.version} ({args.bundle}), roi {info.roi_size}, "
-        f"overlap {info.overlap}, sw batch {settings.sw_batch_size}, resampling {resampled}",
+        f"overlap {info.overlap}, sw batch {settings.sw_batch_size}, resampling {resampled}, "
+        f"mixed precision {'on (both paths)' if amp else 'off'}",
         "",
         "| path | seconds | × bare MONAI |",
         "|---|---:|---:|",
