@@ -1,11 +1,22 @@
-"""Read the attributes intake needs from an encoded instance, without its pixels."""
+"""Read the attributes intake needs from an encoded instance, without its pixels.
+
+Two readers give the same :class:`InstanceHeader`. The fast one walks the encoded bytes of
+a little-endian Part 10 instance (the common case on the C-STORE path) and decodes only
+the two dozen attributes intake needs; it gives up (returns ``None``) on anything it does
+not handle exactly as pydicom would: another transfer syntax, a character set other than
+ASCII, Latin-1 or UTF-8, a multi-valued or malformed value, a length that runs past the
+end, tags out of order. pydicom then reads the instance as before, and its errors name
+what is wrong. ``tests/unit/test_header.py`` checks both agree on pydicom's test files.
+"""
 
 from __future__ import annotations
 
 import io
+import struct
 from typing import Any
 
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
@@ -41,6 +52,14 @@ def _floats(ds: Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
 
 def read_header(data: bytes, *, transfer_syntax_uid: str | None = None) -> InstanceHeader:
     """Parse a Part 10 byte string. Raises InvalidInstanceError naming what is wrong."""
+    fast = read_header_fast(data, transfer_syntax_uid=transfer_syntax_uid)
+    return fast if fast is not None else read_header_pydicom(
+        data, transfer_syntax_uid=transfer_syntax_uid)
+
+
+def read_header_pydicom(data: bytes, *,
+                        transfer_syntax_uid: str | None = None) -> InstanceHeader:
+    """:func:`read_header` through pydicom: any transfer syntax, every error explained."""
     try:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
         # Touch every element we use now, so lazy parsing errors surface here.
@@ -88,3 +107,184 @@ def _header_from(ds: Dataset, ts: str) -> InstanceHeader:
         patient_birth_date=_text(ds, "PatientBirthDate"),
         patient_sex=_text(ds, "PatientSex"),
     )
+
+
+# -- the fast reader ------------------------------------------------------------------------
+
+_EXPLICIT_LE, _IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
+_UNDEFINED = 0xFFFFFFFF
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR",
+                       b"UT", b"SV", b"UV"})
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_PIXEL_DATA = 0x7FE00010
+_HEADER = struct.Struct("<HHI")      # group, element, 32-bit length (implicit VR, items)
+_EXPLICIT = struct.Struct("<HH2sH")  # group, element, VR, 16-bit length
+_U32 = struct.Struct("<I")
+_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+         "FrameOfReferenceUID")
+_TEXTS = ("Modality", "SeriesDescription", "BodyPartExamined", "AccessionNumber",
+          "StudyDate", "StudyDescription", "PatientID", "PatientName", "PatientBirthDate",
+          "PatientSex")
+_INTS = ("InstanceNumber", "SeriesNumber", "ImagesInAcquisition", "NumberOfFrames")
+_DECIMALS = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6}
+_WANTED = {tag_for_keyword(k): k for k in (*_UIDS, *_TEXTS, *_INTS, *_DECIMALS,
+                                           "SpecificCharacterSet")}
+_LAST_WANTED = max(t for t in _WANTED if t is not None)
+_ENCODINGS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin-1",
+              "ISO_IR 192": "utf-8"}
+
+
+class _GiveUp(Exception):
+    """The fast reader cannot be sure to read this instance as pydicom would."""
+
+
+def _element(buf: bytes, pos: int, explicit: bool) -> tuple[int, bytes, int, int]:
+    """(tag, VR or b"", value length, value offset) of the element at ``pos``; items and
+    delimiters (group FFFE) have no VR in either encoding."""
+    if explicit and buf[pos:pos + 2] != b"\xfe\xff":
+        group, elem, vr, length = _EXPLICIT.unpack_from(buf, pos)
+        if vr in _LONG_VRS:
+            return (group << 16) | elem, vr, _U32.unpack_from(buf, pos + 8)[0], pos + 12
+        if not vr.isalpha() or not vr.isupper():
+            raise _GiveUp
+        return (group << 16) | elem, vr, length, pos + 8
+    group, elem, length = _HEADER.unpack_from(buf, pos)
+    return (group << 16) | elem, b"", length, pos + 8
+
+
+def _skip_sequence(buf: bytes, pos: int, explicit: bool, depth: int = 0) -> int:
+    """Offset after an undefined-length sequence whose first item starts at ``pos``."""
+    if depth > 16:
+        raise _GiveUp
+    while True:
+        group, elem, length = _HEADER.unpack_from(buf, pos)
+        tag, pos = (group << 16) | elem, pos + 8
+        if tag == _SEQUENCE_END:
+            return pos
+        if tag != _ITEM:
+            raise _GiveUp
+        if length != _UNDEFINED:
+            pos += length
+            continue
+        while True:  # an undefined-length item: its elements up to the item delimiter
+            tag, vr, length, value = _element(buf, pos, explicit)
+            if tag == _ITEM_END:
+                pos = value
+                break
+            pos = value + length if length != _UNDEFINED else _skip_sequence(
+                buf, value, explicit and vr != b"UN", depth + 1)
+        if pos > len(buf):
+            raise _GiveUp
+
+
+def _walk(buf: bytes, pos: int, explicit: bool) -> dict[str, bytes]:
+    """Raw values of the wanted top-level elements; checks every length up to the pixels."""
+    found: dict[str, bytes] = {}
+    end, previous = len(buf), -1
+    while pos < end:
+        tag, vr, length, value = _element(buf, pos, explicit)
+        if tag <= previous:
+            raise _GiveUp
+        previous = tag
+        if tag == _PIXEL_DATA:
+            break
+        if length == _UNDEFINED:
+            if explicit and vr not in (b"SQ", b"UN"):
+                raise _GiveUp
+            pos = _skip_sequence(buf, value, explicit and vr != b"UN")
+            continue
+        pos = value + length
+        if pos > end:
+            raise _GiveUp
+        if tag <= _LAST_WANTED and tag in _WANTED:
+            found[_WANTED[tag]] = buf[value:pos]
+    return found
+
+
+def _single(raw: bytes | None, encoding: str, *, strip_nulls: bool = False) -> str | None:
+    if raw is None:
+        return None
+    text = raw.decode(encoding)
+    if strip_nulls:
+        text = text.rstrip("\0")
+    if "\\" in text or (not strip_nulls and "\0" in text):
+        raise _GiveUp            # multi-valued or odd: pydicom's reading differs
+    return text.strip() or None
+
+
+def read_header_fast(data: bytes, *,
+                     transfer_syntax_uid: str | None = None) -> InstanceHeader | None:
+    """:func:`read_header` for Explicit/Implicit VR Little Endian Part 10 bytes, or None."""
+    try:
+        if data[128:132] != b"DICM":
+            return None
+        meta = _walk_meta(data)
+        ts = transfer_syntax_uid or meta[1]
+        if ts not in (_EXPLICIT_LE, _IMPLICIT_LE):
+            return None
+        raw = _walk(data, meta[0], ts == _EXPLICIT_LE)
+        charset = _single(raw.get("SpecificCharacterSet"), "ascii") or ""
+        encoding = _ENCODINGS.get(charset)
+        if encoding is None:
+            return None
+        uids = {k: _single(raw.get(k), "ascii", strip_nulls=True) for k in _UIDS}
+        texts = {k: _single(raw.get(k), encoding) for k in _TEXTS}
+        if any(uids[k] is None for k in _REQUIRED) or "=" in (texts["PatientName"] or ""):
+            return None
+        ints = {k: _single(raw.get(k), "ascii") for k in _INTS}
+        decimals = {}
+        for keyword, count in _DECIMALS.items():
+            value = raw.get(keyword)
+            parts = value.decode("ascii").split("\\") if value else []
+            decimals[keyword] = tuple(float(v) for v in parts) if len(parts) == count else None
+            if value and decimals[keyword] is None:
+                return None
+        return InstanceHeader(
+            sop_class_uid=uids["SOPClassUID"] or "",
+            sop_instance_uid=uids["SOPInstanceUID"] or "",
+            study_instance_uid=uids["StudyInstanceUID"] or "",
+            series_instance_uid=uids["SeriesInstanceUID"] or "",
+            transfer_syntax_uid=ts,
+            modality=texts["Modality"],
+            instance_number=_to_int(ints["InstanceNumber"]),
+            series_number=_to_int(ints["SeriesNumber"]),
+            series_description=texts["SeriesDescription"],
+            body_part_examined=texts["BodyPartExamined"],
+            frame_of_reference_uid=uids["FrameOfReferenceUID"],
+            images_in_acquisition=_to_int(ints["ImagesInAcquisition"]),
+            number_of_frames=_to_int(ints["NumberOfFrames"]),
+            image_position=decimals["ImagePositionPatient"],  # type: ignore[arg-type]
+            image_orientation=decimals["ImageOrientationPatient"],  # type: ignore[arg-type]
+            accession_number=texts["AccessionNumber"],
+            study_date=texts["StudyDate"],
+            study_description=texts["StudyDescription"],
+            patient_id=texts["PatientID"],
+            patient_name=texts["PatientName"],
+            patient_birth_date=texts["PatientBirthDate"],
+            patient_sex=texts["PatientSex"],
+        )
+    except (_GiveUp, struct.error, UnicodeDecodeError, ValueError):
+        return None
+
+
+def _to_int(text: str | None) -> int | None:
+    return None if text is None else int(text)  # ValueError: pydicom decides
+
+
+def _walk_meta(data: bytes) -> tuple[int, str]:
+    """(offset of the data set, TransferSyntaxUID) from the File Meta group."""
+    tag, vr, length, value = _element(data, 132, True)
+    if tag != 0x00020000 or vr != b"UL" or length != 4:
+        raise _GiveUp
+    end = value + 4 + _U32.unpack_from(data, value)[0]
+    pos, ts = value + 4, None
+    while pos < end:
+        tag, vr, length, value = _element(data, pos, True)
+        if tag >> 16 != 0x0002 or length == _UNDEFINED:
+            raise _GiveUp
+        pos = value + length
+        if tag == 0x00020010:
+            ts = data[value:pos].decode("ascii").rstrip("\0 ")
+    if pos != end or not ts:
+        raise _GiveUp
+    return end, ts
