@@ -23,13 +23,18 @@ import queue
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from typing import Any
 
+from pynetdicom import evt
+from pynetdicom._handlers import standard_dimse_sent_handler
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import RequestHandler
 
 # Longest a loop waits for an event before it runs its periodic checks anyway.
@@ -108,8 +113,52 @@ class WakingDUL(DULServiceProvider):
                 self._wake_recv.close()
 
 
+def _implicit(element: int, value: bytes) -> bytes:
+    """One group-0000 element in Implicit VR Little Endian (PS3.7 6.3.1)."""
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def _uid(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def c_store_success_command(primitive: C_STORE) -> bytes | None:
+    """The command set of a plain successful C-STORE-RSP, encoded by hand (pynetdicom builds
+    a pydicom Dataset and encodes it: ~0.4 ms of every instance); None for anything else."""
+    if (primitive.MessageIDBeingRespondedTo is None or primitive.Status != 0x0000
+            or primitive.MessageID is not None or not primitive.AffectedSOPClassUID
+            or not primitive.AffectedSOPInstanceUID):
+        return None
+    body = b"".join((
+        _implicit(0x0002, _uid(str(primitive.AffectedSOPClassUID))),
+        _implicit(0x0100, struct.pack("<H", 0x8001)),     # CommandField: C-STORE-RSP
+        _implicit(0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)),
+        _implicit(0x0800, struct.pack("<H", 0x0101)),     # CommandDataSetType: none
+        _implicit(0x0900, struct.pack("<H", 0x0000)),     # Status: Success
+        _implicit(0x1000, _uid(str(primitive.AffectedSOPInstanceUID))),
+    ))
+    return _implicit(0x0000, struct.pack("<I", len(body))) + body
+
+
 class WaitingDIMSE(DIMSEServiceProvider):
-    """The association thread's non-blocking look at the message queue waits briefly."""
+    """The association thread's non-blocking look at the message queue waits briefly, and
+    a successful C-STORE-RSP goes out pre-encoded (tests/unit/test_reactor_encoding.py
+    checks it is byte for byte what pynetdicom sends)."""
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        command = c_store_success_command(primitive) if isinstance(primitive, C_STORE) \
+            else None
+        limit = self.maximum_pdu_size
+        handlers = self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
+        if (command is None or (limit and len(command) + 6 > limit)
+                or any(not isinstance(h, tuple) or h[0] is not standard_dimse_sent_handler
+                       for h in handlers)):
+            super().send_msg(primitive, context_id)   # (the standard handler logs nothing
+            return                                    #  for a C-STORE-RSP)
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
+        self.dul.send_pdu(pdata)
 
     def get_msg(self, block: bool = False) -> Any:
         if block or threading.current_thread() is not self.assoc:
