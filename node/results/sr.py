@@ -41,6 +41,7 @@ from node.results.seg import (
     check_text,
     coded,
     dicom_datetime,
+    occupied_slices,
     order_source,
     pin_times,
     present_specs,
@@ -70,10 +71,9 @@ def count_components(mask: npt.NDArray[np.bool_]) -> int:
     """
     if mask.ndim != 3:
         raise ValueError(f"count_components: expected a 3D mask, got shape {mask.shape}")
-    if not mask.any():
+    box = bounding_box(mask)
+    if box is None:
         return 0
-    nz = np.nonzero(mask)
-    box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in nz)
     fg = np.pad(mask[box], 1)
     kind = np.int32 if fg.size < np.iinfo(np.int32).max else np.int64  # half the memory
     big = fg.size
@@ -100,6 +100,31 @@ def count_components(mask: npt.NDArray[np.bool_]) -> int:
         if np.array_equal(low, ids):
             return int(np.unique(flat[where]).size)
         ids = low
+
+
+def bounding_box(mask: npt.NDArray[np.bool_]) -> tuple[slice, slice, slice] | None:
+    """The smallest box holding every True voxel of a 3D mask; None when there is none."""
+    spans = []
+    for axis in range(3):
+        held = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if not held.size:
+            return None
+        spans.append(slice(int(held[0]), int(held[-1]) + 1))
+    return spans[0], spans[1], spans[2]
+
+
+def _label_box(labels: npt.NDArray[np.integer], volume_array: npt.NDArray[np.floating],
+               value: int) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.floating]]:
+    """The mask of one label value and the values under it, both cropped to the mask's
+    bounding box: the measurements then never pass over the whole volume."""
+    held = np.flatnonzero(occupied_slices(labels))
+    if held.size:
+        first, last = int(held[0]), int(held[-1]) + 1
+        mask = labels[first:last] == value
+        box = bounding_box(mask)
+        if box is not None:
+            return mask[box], volume_array[first:last][box]
+    return np.zeros((0, 0, 0), dtype=np.bool_), volume_array[:0, :0, :0]
 
 
 def _measurement(name: hd.sr.CodedConcept | Code, value: float,
@@ -144,7 +169,8 @@ def _groups(seg: hd.seg.Segmentation | None, specs: Sequence[LabelLike],
             finding_type=coded(spec.type, f"label {value} type"),
             finding_category=coded(spec.category, f"label {value} category"),
             algorithm_id=algorithm,
-            measurements=_measurements(labels == value, volume_array, voxel_mm3, modality))
+            measurements=_measurements(*_label_box(labels, volume_array, value), voxel_mm3,
+                                       modality))
         if voxels[value] == 0:
             groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(**common))
             continue

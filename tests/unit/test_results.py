@@ -273,6 +273,9 @@ def test_only_labels_with_voxels_get_a_segment(case: Case, tmp_path: Path) -> No
     assert seg is not None
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["organ"]
     paths = [_write(seg, tmp_path / "seg.dcm"), _write(sr, tmp_path / "sr.dcm")]
+    back = hd.seg.segread(paths[0]).get_pixels_by_source_instance(
+        list(case.volume.sop_instance_uids), combine_segments=True)
+    np.testing.assert_array_equal(back, labels == 2)     # label 2 written as segment 1
     for path in paths:
         assert _errors(_tool("dciodvfy", path)) == [], path.name
     read = hd.sr.srread(paths[1])
@@ -324,7 +327,7 @@ def test_count_components_uses_26_connectivity() -> None:
 
 
 def test_results_never_import_the_inference_stack() -> None:
-    code = ("import sys, node.results.seg, node.results.sr; "
+    code = ("import sys, node.results.seg, node.results.sr, node.results.warm; "
             "print(sorted(m for m in ('torch', 'monai', 'node.inference') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          check=True).stdout.strip()
