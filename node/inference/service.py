@@ -38,6 +38,7 @@ from node.notify import notify
 from node.ports import Sender
 from node.results.seg import build_seg, label_counts
 from node.results.sr import build_sr
+from node.results.warm import warm_up
 from node.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,21 @@ def previous_sr(engine: Any, settings: Settings, job: Job) -> Path | None:
     return None
 
 
+def warm_results_in_background() -> threading.Thread:
+    """Load what the SEG/SR writers load once (node/results/warm.py) beside the start-up,
+    so that neither the worker's readiness nor its first job waits for it."""
+    def run() -> None:
+        try:
+            warm_up()
+        except Exception:  # noqa: BLE001 - optional work; the first job meets any real fault
+            log.warning("warming up the result writers failed; the first job loads them",
+                        exc_info=True)
+
+    thread = threading.Thread(target=run, name="warm-results", daemon=True)
+    thread.start()
+    return thread
+
+
 def write_status(settings: Settings, pool: ModelPool, device: str | None = None) -> None:
     path = status_file(settings, device)
     temp = path.with_suffix(".part")
@@ -290,6 +306,7 @@ class WorkerNode:
         self.settings.storage.spool.mkdir(parents=True, exist_ok=True)
         self.jobs.recover(kinds={"infer"}, queues=self.queues)   # only this worker's queue
         self.write_status()
+        warm_results_in_background()
         self.runner.start()
         log.info("worker ready: %d model(s) configured", len(self.settings.models))
         notify("READY=1")
