@@ -112,6 +112,15 @@ def load_volume(paths: Sequence[Path], *, spacing_tolerance: float = 0.05,
     With ``series_instance_uid`` files of other series are skipped; without it the files
     must all belong to one series.
     """
+    return load_series(paths, spacing_tolerance=spacing_tolerance,
+                       series_instance_uid=series_instance_uid)[0]
+
+
+def load_series(paths: Sequence[Path], *, spacing_tolerance: float = 0.05,
+                series_instance_uid: str | None = None) -> tuple[Volume, list[Dataset]]:
+    """:func:`load_volume`, plus the data sets of the series with their pixel data
+    dropped once decoded: the headers that results reference, without reading the files
+    a second time."""
     uid = series_instance_uid or "(unknown)"
     datasets: list[Dataset] = []
     labels: list[str] = []
@@ -126,7 +135,11 @@ def load_volume(paths: Sequence[Path], *, spacing_tolerance: float = 0.05,
     if not datasets:
         where = f" among {len(paths)} file(s)" if paths else ": no files given"
         raise VolumeError(f"series {uid}: no instances of the series{where}")
-    return _assemble(datasets, labels, spacing_tolerance)
+    volume = _assemble(datasets, labels, spacing_tolerance)
+    for header in datasets:
+        if "PixelData" in header:
+            del header.PixelData          # also drops pydicom's cached pixel_array
+    return volume, datasets
 
 
 def volume_from_datasets(datasets: Sequence[Dataset], *,
