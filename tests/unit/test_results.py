@@ -324,6 +324,13 @@ def test_count_components_uses_26_connectivity() -> None:
     spiral[0, 0, :] = spiral[0, :, 8] = spiral[0, 8, :] = spiral[0, 2:, 0] = True
     spiral[0, 2, :7] = spiral[0, 2:7, 6] = spiral[0, 6, 2:7] = True
     assert count_components(spiral) == _bfs_count(spiral) == 1
+    # scattered voxels in a large box (what a model's false positives look like): the
+    # sparse neighbour search, not the dense lookup grid
+    scattered = np.zeros((40, 50, 60), dtype=bool)
+    for k, r, c in rng.integers(0, (39, 49, 59), size=(60, 3)):
+        scattered[k, r, c] = scattered[k + 1, r + 1, c + 1] = True   # diagonal pairs
+    scattered[0, 0, 0] = scattered[39, 49, 59] = True                 # corners of the box
+    assert count_components(scattered) == _bfs_count(scattered)
 
 
 def test_results_never_import_the_inference_stack() -> None:
