@@ -53,6 +53,7 @@ from node.inference.service import (
 )
 from node.jobs import Job, JobRunner, owner_name
 from node.ports import Sender
+from node.results.warm import warm_up
 from node.settings import ExecutorSettings, ModelSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,10 @@ class ModelActor:
         self.pool = ModelPool({model.name: model})
 
     def ready(self) -> dict[str, Any]:
-        """Load the weights now (not at the first job) and say where this actor lives."""
+        """Load the weights and the result writers' tables now (not at the first job)
+        and say where this actor lives."""
         self.pool.runner(self.name).load()
+        warm_up()
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
     def run(self, job: Job, files: Sequence[str], out_dir: str,

@@ -69,15 +69,34 @@ def check_text(name: str, text: str, limit: int = _MAX_LO) -> str:
 
 
 def label_counts(labels: npt.NDArray[np.integer]) -> dict[int, int]:
-    """{label value: voxel count} for the values present. One counting pass (bincount)
-    for the usual unsigned label maps: np.unique sorts, which costs seconds on a
-    300-slice 512x512 volume."""
-    flat = labels.ravel()
-    if flat.size and labels.dtype.kind in "ub" and labels.dtype.itemsize <= 2:
-        counts = np.bincount(flat.view(np.uint8) if labels.dtype.kind == "b" else flat)
+    """{label value: voxel count} for the values present.
+
+    A model's label map is mostly background: the slices holding any label are found
+    with one ``max`` per slice (a vectorised pass, no copy), and only those are counted
+    (``np.bincount``, which would otherwise cast the whole map to intp first; np.unique
+    sorts, which costs seconds on a 300-slice 512x512 volume)."""
+    if labels.size and labels.dtype.kind in "ub" and labels.dtype.itemsize <= 2:
+        held = labels[occupied_slices(labels)] if labels.ndim > 1 else labels
+        flat = held.ravel()
+        counts = np.bincount(flat.view(np.uint8) if labels.dtype.kind == "b" else flat,
+                             minlength=1)
+        counts[0] += labels.size - flat.size
         return {int(v): int(counts[v]) for v in np.flatnonzero(counts)}
-    found, counts = np.unique(flat, return_counts=True)
-    return {int(v): int(n) for v, n in zip(found, counts, strict=True)}
+    found, numbers = np.unique(labels.ravel(), return_counts=True)
+    return {int(v): int(n) for v, n in zip(found, numbers, strict=True)}
+
+
+def occupied_slices(labels: npt.NDArray[np.generic]) -> npt.NDArray[np.bool_]:
+    """Along the first axis: which slices hold a non-zero value (``max`` per slice, which
+    numpy vectorises; ``any`` and ``nonzero`` are several times slower)."""
+    if labels.shape[0] == 0 or labels.size == 0:
+        return np.zeros(labels.shape[0], dtype=np.bool_)
+    flat = labels.reshape(labels.shape[0], -1)
+    if labels.dtype.kind == "b":
+        flat = flat.view(np.uint8)
+    if flat.dtype.kind != "u":        # signed or float: a maximum of 0 can hide negatives
+        return np.asarray(flat.any(axis=1))
+    return np.asarray(flat.max(axis=1) != 0)
 
 
 def present_specs(labels: npt.NDArray[np.integer], label_specs: Sequence[LabelLike],
@@ -159,6 +178,30 @@ def _check_slice_order(datasets: Sequence[Dataset]) -> None:
                           f"Volume.sop_instance_uids or the data sets in that order")
 
 
+def segment_map(labels: npt.NDArray[np.integer],
+                values: Sequence[int]) -> npt.NDArray[np.unsignedinteger]:
+    """``labels`` with label value ``values[i]`` as segment number ``i + 1``, every other
+    value as 0. When the values already are 1..N in an unsigned map (one class labelled
+    1, the usual case) that is ``labels`` itself, not a copy; otherwise only the slices
+    holding labels are translated, through a lookup table."""
+    dtype = np.uint8 if len(values) < 256 else np.uint16
+    if (labels.dtype.kind == "u" and labels.dtype.itemsize <= 2
+            and list(values) == list(range(1, len(values) + 1))
+            and int(labels.max(initial=0)) <= len(values)):
+        return labels.astype(dtype, copy=False)
+    out = np.zeros(labels.shape, dtype=dtype)
+    held = occupied_slices(labels)
+    part = labels[held]
+    if part.size:
+        low = int(part.min())
+        table = np.zeros(int(part.max()) - low + 1, dtype=dtype)
+        for number, value in enumerate(values, start=1):
+            if low <= value < low + table.size:
+                table[value - low] = number
+        out[held] = table[part.astype(np.intp) - low]
+    return out
+
+
 def dicom_datetime(value: datetime | None) -> tuple[str, str]:
     """(DA, TM) of ``value``, default now."""
     value = datetime.now() if value is None else value
@@ -206,16 +249,15 @@ def build_seg(source: Sequence[Dataset], labels: npt.NDArray[np.integer],
         if probabilities.shape[1:] != labels.shape:
             raise ResultError(f"job {job_key}: probabilities shape {probabilities.shape} does "
                               f"not match labels {labels.shape}")
-        pixel_array = np.stack(           # labels' slice order is the volume's: aligned
-            [np.clip(probabilities[int(spec.value) - 1], 0.0, 1.0).astype(np.float32)
-             for spec in present], axis=-1)
+        # labels' slice order is the volume's: aligned. Cast into one float32 array and
+        # clip there: clipping float16 and stacking copies cost seconds at 300 x 512^2
+        pixel_array = np.empty((*labels.shape, len(present)), dtype=np.float32)
+        for i, spec in enumerate(present):
+            pixel_array[..., i] = probabilities[int(spec.value) - 1]
+        np.clip(pixel_array, 0.0, 1.0, out=pixel_array)
         seg_type = hd.seg.SegmentationTypeValues.FRACTIONAL
     else:
-        segment_map = np.zeros(labels.shape,
-                               dtype=np.uint8 if len(present) < 256 else np.uint16)
-        for number, spec in enumerate(present, start=1):
-            segment_map[labels == spec.value] = number
-        pixel_array = segment_map
+        pixel_array = segment_map(labels, [int(spec.value) for spec in present])
         seg_type = hd.seg.SegmentationTypeValues.BINARY
     algorithm = hd.AlgorithmIdentificationSequence(
         name=model, version=version, family=codes.cid7162.ArtificialIntelligence,

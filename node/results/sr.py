@@ -21,6 +21,7 @@ same job) is referenced in PredecessorDocumentsSequence (PS3.3 C.17.2.3).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -41,6 +42,7 @@ from node.results.seg import (
     check_text,
     coded,
     dicom_datetime,
+    occupied_slices,
     order_source,
     pin_times,
     present_specs,
@@ -61,45 +63,93 @@ _STATISTICS = ((codes.SCT.Mean, np.mean), (codes.SCT.Minimum, np.min),
                (codes.SCT.Maximum, np.max))
 
 
+# the 13 "forward" steps of the 26-neighbourhood: each neighbour pair is found once
+_FORWARD = [step for step in itertools.product((-1, 0, 1), repeat=3) if step > (0, 0, 0)]
+
+
 def count_components(mask: npt.NDArray[np.bool_]) -> int:
     """Number of 26-connected components of ``mask`` (3D).
 
-    Label propagation: every voxel takes the smallest index in its 3x3x3 neighbourhood
-    (a separable minimum), then follows the index it points to (pointer jumping), until
-    nothing changes. Works on the bounding box of the mask only.
+    Works on the foreground voxels only, so the cost follows their number, not the size
+    of their bounding box (a model's scattered false positives can span the volume):
+    neighbour pairs are found by looking each voxel's 13 forward neighbours up in the
+    sorted voxel indices, then union-find with vectorised hooking (every root points at
+    the smallest root it touches) and pointer jumping, until no pair joins two roots.
     """
     if mask.ndim != 3:
         raise ValueError(f"count_components: expected a 3D mask, got shape {mask.shape}")
-    if not mask.any():
+    box = bounding_box(mask)
+    if box is None:
         return 0
-    nz = np.nonzero(mask)
-    box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in nz)
-    fg = np.pad(mask[box], 1)
-    kind = np.int32 if fg.size < np.iinfo(np.int32).max else np.int64  # half the memory
-    big = fg.size
-    ids = np.where(fg, np.arange(fg.size, dtype=kind).reshape(fg.shape), big).astype(kind)
-    where = np.flatnonzero(fg)
+    fg = np.pad(mask[box], 1)          # a margin of one voxel: no step wraps to another row
+    rows, columns = fg.shape[1:]
+    voxels = np.flatnonzero(fg)
+    a, b = _neighbour_pairs(voxels, fg.size,
+                            [(dk * rows + dr) * columns + dc for dk, dr, dc in _FORWARD])
+    parent = np.arange(voxels.size)
     while True:
-        low = ids.copy()
-        for axis in range(3):  # min over a 3x3x3 cube = min over 3 along each axis in turn
-            shifted = low.copy()
-            inner = [slice(None)] * 3
-            before, after = list(inner), list(inner)
-            inner[axis], before[axis], after[axis] = (slice(1, -1), slice(None, -2),
-                                                       slice(2, None))
-            shifted[tuple(inner)] = np.minimum(
-                low[tuple(inner)], np.minimum(low[tuple(before)], low[tuple(after)]))
-            low = shifted
-        low[~fg] = big
-        flat = low.ravel()
+        ra, rb = parent[a], parent[b]      # roots: parent is fully jumped here
+        apart = np.flatnonzero(ra != rb)   # pairs joined once stay joined: drop them
+        if not apart.size:
+            return int(np.count_nonzero(parent == np.arange(voxels.size)))
+        a, b, ra, rb = a[apart], b[apart], ra[apart], rb[apart]
+        low = np.minimum(ra, rb)
+        np.minimum.at(parent, ra, low)
+        np.minimum.at(parent, rb, low)
         while True:
-            jumped = flat[flat[where]]
-            if np.array_equal(jumped, flat[where]):
+            jumped = parent[parent]
+            if np.array_equal(jumped, parent):
                 break
-            flat[where] = jumped
-        if np.array_equal(low, ids):
-            return int(np.unique(flat[where]).size)
-        ids = low
+            parent = jumped
+
+
+def _neighbour_pairs(voxels: npt.NDArray[np.intp], size: int, steps: Sequence[int],
+                     ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """Positions (i, j) in ``voxels`` (sorted flat indices into ``size`` voxels) of every
+    pair with ``voxels[j] - voxels[i]`` in ``steps``. A dense mask looks neighbours up in
+    a grid of positions; a sparse one by binary search, without the grid's memory."""
+    first, second = [], []
+    if voxels.size * 32 >= size:
+        grid = np.full(size, -1, dtype=np.intp)
+        grid[voxels] = np.arange(voxels.size)
+        for step in steps:
+            at = grid[voxels + step]
+            hit = np.flatnonzero(at >= 0)
+            first.append(hit)
+            second.append(at[hit])
+    else:
+        for step in steps:
+            target = voxels + step
+            at = np.minimum(np.searchsorted(voxels, target), voxels.size - 1)
+            hit = np.flatnonzero(voxels[at] == target)
+            first.append(hit)
+            second.append(at[hit])
+    return np.concatenate(first), np.concatenate(second)
+
+
+def bounding_box(mask: npt.NDArray[np.bool_]) -> tuple[slice, slice, slice] | None:
+    """The smallest box holding every True voxel of a 3D mask; None when there is none."""
+    spans = []
+    for axis in range(3):
+        held = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if not held.size:
+            return None
+        spans.append(slice(int(held[0]), int(held[-1]) + 1))
+    return spans[0], spans[1], spans[2]
+
+
+def _label_box(labels: npt.NDArray[np.integer], volume_array: npt.NDArray[np.floating],
+               value: int) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.floating]]:
+    """The mask of one label value and the values under it, both cropped to the mask's
+    bounding box: the measurements then never pass over the whole volume."""
+    held = np.flatnonzero(occupied_slices(labels))
+    if held.size:
+        first, last = int(held[0]), int(held[-1]) + 1
+        mask = labels[first:last] == value
+        box = bounding_box(mask)
+        if box is not None:
+            return mask[box], volume_array[first:last][box]
+    return np.zeros((0, 0, 0), dtype=np.bool_), volume_array[:0, :0, :0]
 
 
 def _measurement(name: hd.sr.CodedConcept | Code, value: float,
@@ -144,7 +194,8 @@ def _groups(seg: hd.seg.Segmentation | None, specs: Sequence[LabelLike],
             finding_type=coded(spec.type, f"label {value} type"),
             finding_category=coded(spec.category, f"label {value} category"),
             algorithm_id=algorithm,
-            measurements=_measurements(labels == value, volume_array, voxel_mm3, modality))
+            measurements=_measurements(*_label_box(labels, volume_array, value), voxel_mm3,
+                                       modality))
         if voxels[value] == 0:
             groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(**common))
             continue

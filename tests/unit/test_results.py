@@ -273,6 +273,9 @@ def test_only_labels_with_voxels_get_a_segment(case: Case, tmp_path: Path) -> No
     assert seg is not None
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["organ"]
     paths = [_write(seg, tmp_path / "seg.dcm"), _write(sr, tmp_path / "sr.dcm")]
+    back = hd.seg.segread(paths[0]).get_pixels_by_source_instance(
+        list(case.volume.sop_instance_uids), combine_segments=True)
+    np.testing.assert_array_equal(back, labels == 2)     # label 2 written as segment 1
     for path in paths:
         assert _errors(_tool("dciodvfy", path)) == [], path.name
     read = hd.sr.srread(paths[1])
@@ -321,10 +324,17 @@ def test_count_components_uses_26_connectivity() -> None:
     spiral[0, 0, :] = spiral[0, :, 8] = spiral[0, 8, :] = spiral[0, 2:, 0] = True
     spiral[0, 2, :7] = spiral[0, 2:7, 6] = spiral[0, 6, 2:7] = True
     assert count_components(spiral) == _bfs_count(spiral) == 1
+    # scattered voxels in a large box (what a model's false positives look like): the
+    # sparse neighbour search, not the dense lookup grid
+    scattered = np.zeros((40, 50, 60), dtype=bool)
+    for k, r, c in rng.integers(0, (39, 49, 59), size=(60, 3)):
+        scattered[k, r, c] = scattered[k + 1, r + 1, c + 1] = True   # diagonal pairs
+    scattered[0, 0, 0] = scattered[39, 49, 59] = True                 # corners of the box
+    assert count_components(scattered) == _bfs_count(scattered)
 
 
 def test_results_never_import_the_inference_stack() -> None:
-    code = ("import sys, node.results.seg, node.results.sr; "
+    code = ("import sys, node.results.seg, node.results.sr, node.results.warm; "
             "print(sorted(m for m in ('torch', 'monai', 'node.inference') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          check=True).stdout.strip()
