@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+from collections import Counter
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -41,6 +42,8 @@ from node.results.sr import build_sr
 from node.settings import Settings
 
 log = logging.getLogger(__name__)
+
+_COUNT_SLICES = 16      # label map slices counted at a time
 
 
 def results_root(settings: Settings) -> Path:
@@ -84,8 +87,17 @@ def save_prediction(directory: Path, prediction: Prediction, volume: Volume) -> 
     voxel_mm3 = float(np.prod(volume.spacing))
     if prediction.labels is None:
         return SavedPrediction(final, {}, {})
-    voxels = {v: c for v, c in label_counts(prediction.labels).items() if v != 0}
+    voxels = {v: c for v, c in _label_counts(prediction.labels).items() if v != 0}
     return SavedPrediction(final, voxels, {v: c * voxel_mm3 for v, c in voxels.items()})
+
+
+def _label_counts(labels: np.ndarray) -> dict[int, int]:
+    """label_counts slab by slab: its bincount widens the labels to 8-byte integers, which
+    for a whole 1,000-slice 512x512 mask is a 2 GiB temporary."""
+    total: Counter[int] = Counter()
+    for start in range(0, labels.shape[0], _COUNT_SLICES):
+        total.update(label_counts(labels[start:start + _COUNT_SLICES]))
+    return dict(total)
 
 
 def write_dicom(path: Path, ds: Dataset) -> Path:
