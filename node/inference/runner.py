@@ -21,9 +21,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812  (the usual name)
-from monai.inferers.utils import sliding_window_inference
 
 from node.errors import ModelError
+from node.inference.sliding import Window, stream_labels, streamable, whole_labels
 from node.inference.volume import Volume
 from node.settings import ModelSettings
 
@@ -328,7 +328,7 @@ class TorchRunner:
         image = torch.from_numpy(np.array(volume.array, dtype=np.float32))  # a writable copy
         if self.info.window is not None:
             lo, hi = self.info.window
-            image = (image.clamp(lo, hi) - lo) / (hi - lo)
+            image.clamp_(lo, hi).sub_(lo).div_(hi - lo)         # in place: no second copy
         return image[None, None]
 
     def _classify(self, volume: Volume) -> tuple[float, ...]:
@@ -352,36 +352,32 @@ class TorchRunner:
 
     def _infer(self, volume: Volume, device: str,
                sw_batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Labels (and float16 probabilities for fractional SEG) on the source grid. The
+        sliding window streams along the slice axis (node/inference/sliding.py), so memory
+        beyond the volume and the label map stays flat; a model that resamples to its own
+        spacing, or a volume smaller than the window, takes the whole-volume pass."""
         network = self._network
         assert network is not None
         if device != self.device:
             network = network.to(device)
-        image = self._prepare(volume)
-        source_shape = tuple(image.shape[2:])
+        window = Window(self.info.roi_size, self.info.overlap, self.info.blend_mode,
+                        sw_batch_size, device,
+                        amp=device.startswith("cuda") and self.settings.mixed_precision,
+                        intensity=self.info.window,
+                        fractional=self.settings.seg_type == "fractional")
+        shape = volume.array.shape
+        size = None
         if self.info.target_spacing is not None:
             size = [max(1, round(n * s / t)) for n, s, t in
-                    zip(source_shape, volume.spacing, self.info.target_spacing, strict=True)]
-            image = F.interpolate(image, size=size, mode="trilinear", align_corners=False)
-        image = image.to(device)
-        amp = device.startswith("cuda") and self.settings.mixed_precision
-        with torch.inference_mode(), torch.autocast(device_type="cuda" if amp else "cpu",
-                                                    enabled=amp):
-            scores = sliding_window_inference(image, self.info.roi_size, sw_batch_size,
-                                              network, overlap=self.info.overlap,
-                                              mode=self.info.blend_mode)
-            assert isinstance(scores, torch.Tensor)
-            scores = scores.float()
-            if tuple(scores.shape[2:]) != source_shape:
-                scores = F.interpolate(scores, size=source_shape, mode="trilinear",
-                                       align_corners=False)
-            labels = scores.argmax(dim=1)[0]
-            probabilities = None
-            if self.settings.seg_type == "fractional":
-                probabilities = torch.softmax(scores, dim=1)[0, 1:].to(
-                    "cpu", torch.float16).numpy()
-        if device != self.device:
-            network.to(self.device)
-        return labels.to("cpu", torch.uint8).numpy(), probabilities
+                    zip(shape, volume.spacing, self.info.target_spacing, strict=True)]
+        try:
+            with torch.inference_mode():
+                if size is None and streamable(shape, self.info.roi_size):
+                    return stream_labels(volume.array, network, window)
+                return whole_labels(volume.array, network, window, size=size)
+        finally:
+            if device != self.device:
+                network.to(self.device)
 
 
 class ModelPool:

@@ -46,6 +46,7 @@ from node.settings import Settings
 log = logging.getLogger(__name__)
 
 
+
 def results_root(settings: Settings) -> Path:
     return settings.storage.spool.parent / "results"
 

@@ -38,6 +38,7 @@ FloatArray = npt.NDArray[np.float64]
 _ORIENTATION_TOLERANCE = 1e-4  # largest difference between direction cosines of one volume
 _PIXEL_SPACING_TOLERANCE = 1e-4  # mm
 _SAME_POSITION_MM = 0.01  # closer than this along the normal: the same plane
+_DEFER_BYTES = 4096  # elements longer than this (pixel data) are read when first used
 _SHEAR_PIXELS = 0.01  # in-plane drift over the stack, in pixels, that counts as sheared
 # functional group macros read per frame (PS3.3 C.7.6.16.2), in the order _frame unpacks them
 _GROUPS = ("PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence",
@@ -125,8 +126,8 @@ def load_series(paths: Sequence[Path], *, spacing_tolerance: float = 0.05,
     datasets: list[Dataset] = []
     labels: list[str] = []
     for path in paths:
-        try:
-            ds = pydicom.dcmread(path)
+        try:   # pixel data is read when a slice is decoded, then let go (see _pixels)
+            ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
         except Exception as exc:  # readers raise many types; translated, not swallowed
             raise VolumeError(f"series {uid}: cannot read {path}: {exc}") from exc
         if series_instance_uid is None or ds.get("SeriesInstanceUID") == series_instance_uid:
@@ -135,11 +136,7 @@ def load_series(paths: Sequence[Path], *, spacing_tolerance: float = 0.05,
     if not datasets:
         where = f" among {len(paths)} file(s)" if paths else ": no files given"
         raise VolumeError(f"series {uid}: no instances of the series{where}")
-    volume = _assemble(datasets, labels, spacing_tolerance)
-    for header in datasets:
-        if "PixelData" in header:
-            del header.PixelData          # also drops pydicom's cached pixel_array
-    return volume, datasets
+    return _assemble(datasets, labels, spacing_tolerance, owned=True), datasets
 
 
 def volume_from_datasets(datasets: Sequence[Dataset], *,
@@ -150,10 +147,12 @@ def volume_from_datasets(datasets: Sequence[Dataset], *,
     labels = [ds.filename if isinstance(getattr(ds, "filename", None), str)
               else f"instance {ds.get('SOPInstanceUID', '(no SOP Instance UID)')}"
               for ds in datasets]
-    return _assemble(datasets, labels, spacing_tolerance)
+    return _assemble(list(datasets), labels, spacing_tolerance, owned=False)
 
 
-def _assemble(datasets: Sequence[Dataset], labels: Sequence[str], tolerance: float) -> Volume:
+def _assemble(datasets: list[Dataset], labels: Sequence[str], tolerance: float, *,
+              owned: bool) -> Volume:
+    """``owned``: the data sets were read here and may be dropped once decoded."""
     uid = str(datasets[0].get("SeriesInstanceUID", "(no SeriesInstanceUID)"))
     if not (math.isfinite(tolerance) and 0 <= tolerance < 1):
         raise ValueError(f"spacing_tolerance: expected a fraction in [0, 1), got {tolerance}")
@@ -178,12 +177,13 @@ def _assemble(datasets: Sequence[Dataset], labels: Sequence[str], tolerance: flo
     affine[:3, 0], affine[:3, 1], affine[:3, 2] = row * dc, col * dr, step
     affine[:3, 3] = frames[0].position
     affine.flags.writeable = False
-    array = _pixels(uid, datasets, frames)
+    modality = str(datasets[0].get("Modality", ""))
+    array = _pixels(uid, datasets, frames, owned=owned)
     log.debug("series %s: volume %s, spacing %.3g/%.3g/%.3g mm%s", uid, array.shape,
               slice_spacing, dr, dc, ", sheared" if sheared else "")
     return Volume(array, affine, (slice_spacing, dr, dc), uid,
                   tuple(f.sop_instance_uid for f in frames), tuple(f.frame + 1 for f in frames),
-                  str(datasets[0].get("Modality", "")), (*map(float, row), *map(float, col)),
+                  modality, (*map(float, row), *map(float, col)),
                   sheared)
 
 
@@ -400,10 +400,14 @@ def _decoded(uid: str, ds: Dataset, label: str) -> npt.NDArray[Any]:
     return pixels.reshape((-1, *pixels.shape[-2:]))
 
 
-def _pixels(uid: str, datasets: Sequence[Dataset],
-            frames: list[_Frame]) -> npt.NDArray[np.float32]:
-    """The sorted frames, decoded and rescaled slice by slice (PS3.3 C.11.1.1.2)."""
+def _pixels(uid: str, datasets: list[Dataset], frames: list[_Frame], *,
+            owned: bool) -> npt.NDArray[np.float32]:
+    """The sorted frames, decoded and rescaled slice by slice (PS3.3 C.11.1.1.2) into the
+    one float32 array. A data set's decoded pixels are dropped after its last frame, and,
+    when ``owned``, the data set's pixel data too (the header stays, for the results), so
+    memory holds the volume and one decoded data set, not the whole series twice."""
     cache: dict[int, npt.NDArray[Any]] = {}
+    last = {f.source: k for k, f in enumerate(frames)}
     out = np.empty((len(frames), frames[0].rows, frames[0].columns), dtype=np.float32)
     # one float64 slice reused for the arithmetic: a fresh temporary per step and slice
     # (three of 2 MiB for 512x512) cost more than the arithmetic; same values as before
@@ -419,5 +423,9 @@ def _pixels(uid: str, datasets: Sequence[Dataset],
         rescaled *= f.slope
         rescaled += f.intercept
         out[k] = rescaled
+        if last[f.source] == k:
+            del cache[f.source]
+            if owned and "PixelData" in datasets[f.source]:
+                del datasets[f.source].PixelData  # also drops pydicom's cached pixel_array
     out.flags.writeable = False
     return out

@@ -26,6 +26,7 @@ from node.results.uids import ResultUids, derive_uid, tracking_uid
 log = logging.getLogger(__name__)
 
 _MAX_LO = 64  # PS3.5 6.2, Long String
+_COUNT_VOXELS = 1 << 22   # voxels counted at a time by label_counts (32 MiB as intp)
 _CONTENT_LABEL = "PACSNODE_AI"  # CS, at most 16 characters
 _SAME_PLANE_MM = 1e-3
 
@@ -72,15 +73,19 @@ def label_counts(labels: npt.NDArray[np.integer]) -> dict[int, int]:
     """{label value: voxel count} for the values present.
 
     A model's label map is mostly background: the slices holding any label are found
-    with one ``max`` per slice (a vectorised pass, no copy), and only those are counted
-    (``np.bincount``, which would otherwise cast the whole map to intp first; np.unique
+    with one ``max`` per slice (a vectorised pass, no copy), and only those are counted,
+    a few slices at a time (``np.bincount`` casts what it counts to intp, 8 bytes a
+    voxel: over a whole 1,000-slice 512x512 map that would be a 2 GiB temporary; np.unique
     sorts, which costs seconds on a 300-slice 512x512 volume)."""
     if labels.size and labels.dtype.kind in "ub" and labels.dtype.itemsize <= 2:
         held = labels[occupied_slices(labels)] if labels.ndim > 1 else labels
-        flat = held.ravel()
-        counts = np.bincount(flat.view(np.uint8) if labels.dtype.kind == "b" else flat,
-                             minlength=1)
-        counts[0] += labels.size - flat.size
+        counts = np.zeros(1 << (8 * labels.dtype.itemsize), dtype=np.int64)
+        step = max(1, _COUNT_VOXELS // max(1, int(np.prod(held.shape[1:]))))
+        for start in range(0, len(held), step):
+            flat = held[start:start + step].ravel()
+            part = np.bincount(flat.view(np.uint8) if labels.dtype.kind == "b" else flat)
+            counts[:len(part)] += part
+        counts[0] += labels.size - held.size
         return {int(v): int(counts[v]) for v in np.flatnonzero(counts)}
     found, numbers = np.unique(labels.ravel(), return_counts=True)
     return {int(v): int(n) for v, n in zip(found, numbers, strict=True)}
