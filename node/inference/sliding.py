@@ -110,13 +110,22 @@ def stream_labels(array: npt.NDArray[np.float32], network: torch.nn.Module, wind
     labels: npt.NDArray[np.uint8] = np.empty(0, np.uint8)
     probabilities: npt.NDArray[np.float16] | None = None
     base = 0                                       # slice index of the buffer's first plane
-    staging = torch.empty((step, 1, *roi), dtype=torch.float32)   # one batch of windows
+    # On a GPU the whole volume goes over once and is windowed there, and the windows are
+    # cut on the device (a copy and a CPU windowing pass per batch would hold up the GPU);
+    # on the CPU each batch of windows is cut into one reused buffer and windowed there.
+    source = _on_device(array, device, window.intensity) if device.type == "cuda" else None
+    staging = torch.empty((step, 1, *roi), dtype=torch.float32, device=device)
     for n, batch in enumerate(batches):
         inputs = staging[:len(batch)]
         for i, p in enumerate(batch):
-            inputs.numpy()[i, 0] = array[p]
+            if source is not None:
+                inputs[i, 0] = source[p]
+            else:
+                inputs.numpy()[i, 0] = array[p]
+        if source is None:
+            _intensity(inputs, window.intensity)
         with torch.autocast(device_type="cuda" if window.amp else "cpu", enabled=window.amp):
-            scores = network(_intensity(inputs, window.intensity).to(device))
+            scores = network(inputs)
         if not isinstance(scores, torch.Tensor) or tuple(scores.shape[2:]) != roi:
             got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores)
             raise ModelError(f"the network must return one tensor of class scores per window "
@@ -137,6 +146,17 @@ def stream_labels(array: npt.NDArray[np.float32], network: torch.nn.Module, wind
                    None if probabilities is None else probabilities[:, base:final])
             base = final
     return labels, probabilities
+
+
+def _on_device(array: npt.NDArray[np.float32], device: torch.device,
+               intensity: tuple[float, float] | None) -> torch.Tensor:
+    """The volume on ``device``, windowed there; copied a slab at a time so that host
+    memory never holds a second copy of it."""
+    source = torch.empty(array.shape, dtype=torch.float32, device=device)
+    for a in range(0, array.shape[0], FLUSH_SLICES):
+        slab = torch.from_numpy(np.array(array[a:a + FLUSH_SLICES], dtype=np.float32))
+        source[a:a + FLUSH_SLICES].copy_(slab)
+    return _intensity(source, intensity)
 
 
 def _flush(out: torch.Tensor, count: torch.Tensor, done: int, labels: npt.NDArray[np.uint8],
