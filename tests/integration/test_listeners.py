@@ -1,0 +1,142 @@
+"""[node] listener_processes = 2: a listener child shares the DICOM port (SO_REUSEPORT)
+with the receiver; both store, the child's releases reach the fast path, its counters
+reach /metrics, a killed child is restarted, and SIGTERM stops both."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node import synth
+from tests.integration.dbview import IndexView
+from tests.support import TCP_ENV, wait_for
+
+pytestmark = pytest.mark.integration
+
+SERIES_PER_ROUND = 8
+
+
+def _status(node: Any) -> dict[str, Any] | None:
+    files = list((node.config.parent / "spool").glob(".listener-status-*-1.json"))
+    if len(files) != 1:
+        return None
+    try:
+        data: dict[str, Any] = json.loads(files[0].read_text())
+    except (OSError, ValueError):
+        return None
+    return data
+
+
+def _child_instances(node: Any) -> float:
+    status = _status(node) or {"counters": []}
+    return sum(v for name, _, v in status["counters"]
+               if name == "pacsnode_instances_received_total")
+
+
+def _metric(node: Any, name: str) -> float:
+    cfg = node.config.parent
+    token = (cfg / "spool" / ".admin-token").read_text().strip()
+    port = int(re.search(r"\[http\][^\[]*port = (\d+)", node.config.read_text()).group(1))
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+def _send_round(node: Any, out: Path, seed: int) -> tuple[set[str], set[str]]:
+    """One study of SERIES_PER_ROUND small series, each on its own association, all at
+    once. Returns the SOP Instance UIDs and the Series Instance UIDs sent."""
+    study = synth.make_study(*(synth.SeriesSpec(slices=5, rows=32, columns=32,
+                                                series_number=i + 1, lesions=())
+                               for i in range(SERIES_PER_ROUND)), seed=seed)
+    files = synth.write_study(study, out / f"round{seed}")
+    procs = [subprocess.Popen(
+        ["storescu", "-aet", "STORESCU", "-aec", "PACSNODE", "127.0.0.1", str(node.port),
+         *map(str, sorted((out / f"round{seed}" / str(s.spec.series_number)).iterdir()))],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=TCP_ENV)
+        for s in study.series]
+    for proc in procs:
+        output = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 0 and "Failed" not in output, output
+    assert len(files) == 5 * SERIES_PER_ROUND
+    sops = {str(ds.SOPInstanceUID) for s in study.series for ds in s.datasets}
+    return sops, {s.series_instance_uid for s in study.series}
+
+
+def _send_until_both_served(node: Any, out: Path, first_seed: int, index: IndexView,
+                            already: int) -> tuple[set[str], set[str]]:
+    """Rounds of parallel associations until the child and the receiver each stored
+    some of one round (the kernel's hash may put all of a round on one side).
+    ``already``: instances the node holds before."""
+    sops: set[str] = set()
+    series: set[str] = set()
+    for seed in range(first_seed, first_seed + 4):
+        child_before = _child_instances(node)
+        more_sops, more_series = _send_round(node, out, seed)
+        sops |= more_sops
+        series |= more_series
+        sent = frozenset(sops)
+        wait_for(lambda: index.sop_uids() >= sent, timeout=20)
+        # /metrics adds the child's status file (rewritten every second) to the
+        # receiver's own counters: once the sum is right, the file is current
+        wait_for(lambda: _metric(node, "pacsnode_instances_received_total")
+                 == already + len(sent) or None, timeout=10)
+        by_child = _child_instances(node) - child_before
+        if 0 < by_child < len(more_sops):
+            return sops, series
+    raise AssertionError("four rounds of parallel associations all went to one process")
+
+
+def _fast_path_done(index: IndexView, series: set[str]) -> bool:
+    rows = [index.series(uid) for uid in series]
+    return all(r is not None and r["state"] == "complete" for r in rows)
+
+
+def test_two_listener_processes_share_the_port(dcmtk: None, node_factory: Any,
+                                               tmp_path: Path) -> None:
+    node = node_factory(node={"listener_processes": 2},
+                        assembly={"series_quiet_seconds": 60.0, "study_quiet_seconds": 90.0})
+    node.start()
+    status = wait_for(lambda: _status(node), timeout=20)
+    wait_for(lambda: "listener 1 (pid" in node.log(), timeout=20)
+    index = IndexView(node.config.parent / "index.db")
+
+    sops, series = _send_until_both_served(node, tmp_path, 1, index, 0)
+    # every instance indexed exactly once (primary key), one file each in the spool
+    assert index.sop_uids() == sops
+    files = [p for p in (node.config.parent / "spool").rglob("*.dcm") if ".tmp" not in p.parts]
+    assert len(files) == len(sops)
+    # the quiet period is 60 s: only the fast path completes a series this soon, for
+    # those the child served too (it reports its releases to the receiver)
+    wait_for(lambda: _fast_path_done(index, series), timeout=15)
+    assert {index.series(uid)["completion_reason"] for uid in series} == {"fast_path"}
+    # the child's counters are part of /metrics (the sum was checked while sending)
+    assert _metric(node, "pacsnode_associations_total") >= len(series)
+
+    # kill -9 of the child: restarted, and intake goes on through both processes
+    old_pid = int(status["pid"])
+    os.kill(old_pid, signal.SIGKILL)
+    new = wait_for(lambda: (s := _status(node)) is not None and s["pid"] != old_pid and s,
+                   timeout=20)
+    # (its status file is written once it listens) the counters continue from there
+    more_sops, more_series = _send_until_both_served(node, tmp_path, 10, index, len(sops))
+    assert index.sop_uids() == sops | more_sops
+    wait_for(lambda: _fast_path_done(index, more_series), timeout=15)
+    assert {index.series(uid)["completion_reason"] for uid in more_series} == {"fast_path"}
+
+    # SIGTERM stops the receiver and its child
+    child = int(new["pid"])
+    assert node.stop() == 0
+    wait_for(lambda: not Path(f"/proc/{child}").exists(), timeout=10)
+    log = node.log()
+    assert "listener 1 stopped" in log and "Traceback" not in log
