@@ -337,8 +337,13 @@ class DimseReceiver:
         self._take_series(event)
 
     def _on_closed(self, event: Any) -> None:
-        self._take_series(event)
         assoc = event.assoc
+        # pynetdicom sends A-RELEASE-RP before it reports EVT_RELEASED (association
+        # thread); the peer may close at once and this event (DUL thread) come first.
+        # A released or established association's series are left to EVT_RELEASED or
+        # EVT_ABORTED, or the fast path would lose them.
+        if not (assoc.is_established or assoc.is_released):
+            self._take_series(event)
         if assoc.is_acceptor and getattr(assoc.requestor, "primitive", None) is None:
             # The peer closed before sending A-ASSOCIATE-RQ (a port probe). pynetdicom's
             # association thread would wait acse_timeout for it, holding a slot of
