@@ -73,6 +73,7 @@ class Run:
     instances: int
     nbytes: int
     cpu_seconds: float  # the receiver's user + system time during the send
+    by_children: int | None = None  # instances pacsnode's listener children stored
 
 
 def cpu_seconds(pid: int) -> float:
@@ -256,7 +257,17 @@ def measure(name: str, files: Sequence[Path], nbytes: int, args: argparse.Namesp
                                f"expected {len(files)}; see {work}")
     finally:
         receiver.stop()
-    return Run(name, seconds, len(files), nbytes, cpu)
+    return Run(name, seconds, len(files), nbytes, cpu, children_stored(work / "spool"))
+
+
+def children_stored(spool: Path) -> int | None:
+    """Instances the listener children stored, from their final status files."""
+    total = None
+    for path in spool.glob(".listener-status-*.json"):
+        counters = json.loads(path.read_text())["counters"]
+        total = (total or 0) + int(sum(v for n, _, v in counters
+                                       if n == "pacsnode_instances_received_total"))
+    return total
 
 
 def table(runs: Sequence[Run], receivers: Sequence[str]) -> str:
@@ -300,8 +311,9 @@ def report(args: argparse.Namespace, runs: Sequence[Run], nbytes: int, temp: Pat
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     senders = f"{args.parallel} storescu processes" if args.parallel > 1 else "1 storescu"
     storescp_mode = "normal (parse + re-encode)" if args.storescp_normal else "+B bit-preserving"
-    detail = "; ".join(f"{r.receiver} {r.seconds:.2f} s (CPU {r.cpu_seconds:.2f} s)"
-                       for r in runs)
+    detail = "; ".join(f"{r.receiver} {r.seconds:.2f} s (CPU {r.cpu_seconds:.2f} s"
+                       + (f", {r.by_children} by children" if r.by_children is not None
+                          else "") + ")" for r in runs)
     return "\n".join([
         (f"## {now}: {args.slices} × {args.size}×{args.size} CT, {senders}, "
          f"median of {args.repeat}"),
