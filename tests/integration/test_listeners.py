@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import tomllib
@@ -13,11 +14,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 
 from node import synth
 from tests.integration.dbview import IndexView
-from tests.support import TCP_ENV, wait_for
+from tests.support import TCP_ENV, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -145,3 +147,57 @@ def test_two_listener_processes_share_the_port(dcmtk: None, node_factory: Any,
     wait_for(lambda: not Path(f"/proc/{child}").exists(), timeout=10)
     log = node.log()
     assert "listener 1 stopped" in log and "Traceback" not in log
+
+
+def _server_pids(port: int) -> set[int]:
+    """Processes holding the node's side of established connections to ``port``."""
+    out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True, check=True).stdout
+    return {int(pid) for pid in re.findall(r"pid=(\d+)", out)}
+
+
+def test_kill_9_of_a_listener_child_loses_no_acknowledged_instance(
+        dcmtk: None, node_factory: Any, tmp_path: Path) -> None:
+    from tests.integration.test_faults import _acknowledged, _assert_whole
+
+    study = synth.make_study(synth.SeriesSpec(slices=120, rows=256, columns=256), seed=23)
+    files = synth.write_study(study, tmp_path / "ct")
+    node = node_factory(node={"listener_processes": 2}).start()
+    child = int(wait_for(lambda: _status(node), timeout=20)["pid"])
+    index = IndexView(node.config.parent / "index.db")
+    spool = node.config.parent / "spool"
+    log = tmp_path / "storescu.log"
+    for _ in range(8):          # until the kernel gives an association to the child
+        with log.open("w") as out:
+            sender = subprocess.Popen(
+                ["storescu", "-v", "-aec", "PACSNODE", "127.0.0.1", str(node.port),
+                 *map(str, files)], stdout=out, stderr=subprocess.STDOUT, env=TCP_ENV)
+        serving = wait_for(lambda: _server_pids(node.port), timeout=20, interval=0.01)
+        if child in serving:
+            break
+        sender.kill()           # the receiver has it: try again
+        sender.wait(10)
+    else:
+        pytest.fail("eight associations in a row went to the receiver, none to the child")
+    # kill it in the middle of the transfer
+    wait_for(lambda: log.read_text().count("Received Store Response (Success)") >= 10,
+             timeout=60, interval=0.01)
+    os.kill(child, signal.SIGKILL)
+    assert sender.wait(60) != 0                # the sender saw its association die
+    output = log.read_text()
+    acked = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+             for p in _acknowledged(output)}
+    assert 10 <= len(acked) < len(files)       # it really was mid-transfer
+    assert acked <= index.sop_uids()
+    paths = index.paths()
+    for uid in acked:
+        _assert_whole(spool / paths[uid])
+    # restarted; its staging folder (where the killed child's half-written file may
+    # lie) is emptied, and nothing half-written is visible in the spool
+    wait_for(lambda: (s := _status(node)) is not None and s["pid"] != child, timeout=20)
+    staging = [d for d in (spool / ".tmp").iterdir() if d.is_dir()]
+    assert staging and all(list(d.iterdir()) == [] for d in staging)
+    for file in spool.rglob("*.dcm"):
+        _assert_whole(file)
+    assert storescu(node.port, files).returncode == 0     # the sender's retry completes it
+    assert index.counts() == (1, 1, len(files))
