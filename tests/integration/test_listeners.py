@@ -19,6 +19,7 @@ import pytest
 
 from node import synth
 from tests.integration.dbview import IndexView
+from tests.integration.test_tls import pki as pki  # a fixture
 from tests.support import TCP_ENV, storescu, wait_for
 
 pytestmark = pytest.mark.integration
@@ -201,3 +202,29 @@ def test_kill_9_of_a_listener_child_loses_no_acknowledged_instance(
         _assert_whole(file)
     assert storescu(node.port, files).returncode == 0     # the sender's retry completes it
     assert index.counts() == (1, 1, len(files))
+
+
+def test_a_listener_child_serves_tls_like_the_receiver(
+        dcmtk: None, node_factory: Any, pki: Path, tmp_path: Path) -> None:
+    """The child builds the same TLS listener: mutual TLS works whichever process gets
+    the association, plain TCP is refused by both."""
+    node = node_factory(node={"listener_processes": 2,
+                              "tls": {"cert_file": str(pki / "server.crt"),
+                                      "key_file": str(pki / "server.key"),
+                                      "ca_file": str(pki / "ca.crt")}}).start()
+    wait_for(lambda: _status(node), timeout=20)
+    index = IndexView(node.config.parent / "index.db")
+    tls = ["+tls", str(pki / "client.key"), str(pki / "client.crt"), "+cf", str(pki / "ca.crt")]
+    sent = 0
+    for seed in range(30, 42):          # until the child and the receiver have stored some
+        study = synth.make_study(synth.SeriesSpec(slices=2, rows=16, columns=16), seed=seed)
+        files = synth.write_study(study, tmp_path / f"ct{seed}")
+        result = storescu(node.port, files, extra=tls)
+        assert result.returncode == 0, result.stderr
+        assert storescu(node.port, files).returncode != 0           # plain TCP refused
+        sops = frozenset(str(ds.SOPInstanceUID) for s in study.series for ds in s.datasets)
+        _wait_stored(node, index, sops, sent)
+        sent += len(sops)
+        if 0 < _child_instances(node) < sent:
+            break
+    assert 0 < _child_instances(node) < sent, "TLS associations reached only one process"
