@@ -162,6 +162,16 @@ def client_tls(destination: DestinationSettings | SourceSettings) -> ssl.SSLCont
     return context
 
 
+class ReusePortServer(ThreadedAssociationServer):
+    """The listener for several processes sharing one port: SO_REUSEPORT is set before
+    bind, so the kernel spreads incoming connections over the processes (node/listener.py)."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None          # made by TCPServer.__init__ before bind
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 class DimseReceiver:
     """The Storage SCP (plus Verification)."""
 
@@ -218,9 +228,11 @@ class DimseReceiver:
         self._ae = ae
         # pynetdicom's start_server, with a connection handler whose associations wake
         # on work instead of polling (adapters/reactor.py).
+        shared = self.settings.listener_processes > 1
         server = ae.make_server((self.settings.host, self.settings.port),
                                 evt_handlers=handlers, ssl_context=server_tls(self.settings.tls),
-                                server_class=ThreadedAssociationServer,
+                                server_class=ReusePortServer if shared
+                                else ThreadedAssociationServer,
                                 request_handler=WakingRequestHandler)
         ae._servers.append(server)  # as start_server does: AE.shutdown() stops it too
         threading.Thread(target=server.serve_forever, name="dicom-listener",
@@ -228,8 +240,9 @@ class DimseReceiver:
         self._server = server
         # Accepted sockets inherit TCP_NODELAY from the listening socket on Linux.
         self._server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        log.info("DICOM listener %s on %s:%d%s", self.settings.ae_title, self.settings.host,
-                 self.port, " (TLS)" if self.settings.tls else "")
+        log.info("DICOM listener %s on %s:%d%s%s", self.settings.ae_title, self.settings.host,
+                 self.port, " (TLS)" if self.settings.tls else "",
+                 " (port shared, SO_REUSEPORT)" if shared else "")
 
     @property
     def port(self) -> int:
@@ -324,8 +337,13 @@ class DimseReceiver:
         self._take_series(event)
 
     def _on_closed(self, event: Any) -> None:
-        self._take_series(event)
         assoc = event.assoc
+        # pynetdicom sends A-RELEASE-RP before it reports EVT_RELEASED (association
+        # thread); the peer may close at once and this event (DUL thread) come first.
+        # A released or established association's series are left to EVT_RELEASED or
+        # EVT_ABORTED, or the fast path would lose them.
+        if not (assoc.is_established or assoc.is_released):
+            self._take_series(event)
         if assoc.is_acceptor and getattr(assoc.requestor, "primitive", None) is None:
             # The peer closed before sending A-ASSOCIATE-RQ (a port probe). pynetdicom's
             # association thread would wait acse_timeout for it, holding a slot of

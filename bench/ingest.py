@@ -8,19 +8,23 @@ to each receiver in turn, every receiver on 127.0.0.1 with fresh, empty storage:
   straight to the file, no parse and re-encode) into a temp folder; it never fsyncs;
 - ``orthanc``: the Debian Orthanc with its default settings (``SyncStorageArea`` true:
   fsync per file) and fresh temp storage and index;
-- ``pacsnode``: ``pacsnode serve`` with a default config (fsync of file and directory).
+- ``pacsnode``: ``pacsnode serve`` with a default config (fsync of file and directory);
+  ``--listeners 1 2`` runs it once per value of ``[node] listener_processes`` (named
+  ``pacsnode``, ``pacsnode-l2``), its CPU column then counting the listener children too.
 
 The clock runs from the start of storescu until the last storescu exits. Each receiver
 must then hold all N instances, or the run fails. The table goes to stdout and is
 appended to bench/RESULTS.md with the machine, the date (UTC) and the command.
 
     .venv/bin/python bench/ingest.py [--slices 300] [--size 512] [--repeat 1] [--parallel 1]
+                                     [--listeners 1 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import os
@@ -69,12 +73,22 @@ class Run:
     instances: int
     nbytes: int
     cpu_seconds: float  # the receiver's user + system time during the send
+    by_children: int | None = None  # instances pacsnode's listener children stored
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and of its children it has reaped."""
+    """User + system CPU time of a process, of its children it has reaped and of those
+    still running (pacsnode's listener children)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    own = sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    children: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            children |= {int(c) for c in (task / "children").read_text().split()}
+    for child in children:
+        with contextlib.suppress(OSError):
+            own += cpu_seconds(child)
+    return own
 
 
 class Receiver:
@@ -137,9 +151,16 @@ def start_orthanc(work: Path) -> Receiver:
                     orthanc.proc.pid)
 
 
-def start_pacsnode(work: Path, tree: Path = ROOT, name: str = "pacsnode") -> Receiver:
-    """``pacsnode serve`` from the source tree ``tree`` (this checkout, or --baseline's)."""
-    config = write_config(work)
+def pacsnode_name(listeners: int) -> str:
+    return "pacsnode" if listeners == 1 else f"pacsnode-l{listeners}"
+
+
+def start_pacsnode(work: Path, tree: Path = ROOT, name: str = "pacsnode", *,
+                   listeners: int = 1) -> Receiver:
+    """``pacsnode serve`` from the source tree ``tree`` (this checkout, or --baseline's),
+    with ``listeners`` processes on its DICOM port."""
+    config = write_config(work, node={"listener_processes": listeners}) if listeners > 1 \
+        else write_config(work)
     port = int(tomllib.loads(config.read_text())["node"]["port"])
     env = {**TCP_ENV, "PYTHONPATH": str(tree)}
     log = (work / "node.log").open("ab")
@@ -152,6 +173,12 @@ def start_pacsnode(work: Path, tree: Path = ROOT, name: str = "pacsnode") -> Rec
 
     try:
         wait_port(port, proc=proc)
+        # the children listen once they have written their first status file
+        deadline = time.monotonic() + 60
+        while len(list((work / "spool").glob(".listener-status-*.json"))) < listeners - 1:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"{name}: listener children did not start; see {work}")
+            time.sleep(0.1)
     except BaseException:
         stop()
         raise
@@ -211,8 +238,10 @@ def measure(name: str, files: Sequence[Path], nbytes: int, args: argparse.Namesp
     starters: dict[str, Callable[[Path], Receiver]] = {
         "storescp": lambda w: start_storescp(w, bit_preserving=not args.storescp_normal),
         "orthanc": start_orthanc,
-        "pacsnode": start_pacsnode,
     }
+    for n in args.listeners:
+        starters[pacsnode_name(n)] = functools.partial(start_pacsnode, name=pacsnode_name(n),
+                                                       listeners=n)
     if args.baseline_tree is not None:
         starters[args.baseline_name] = lambda w: start_pacsnode(w, args.baseline_tree,
                                                                 args.baseline_name)
@@ -228,7 +257,17 @@ def measure(name: str, files: Sequence[Path], nbytes: int, args: argparse.Namesp
                                f"expected {len(files)}; see {work}")
     finally:
         receiver.stop()
-    return Run(name, seconds, len(files), nbytes, cpu)
+    return Run(name, seconds, len(files), nbytes, cpu, children_stored(work / "spool"))
+
+
+def children_stored(spool: Path) -> int | None:
+    """Instances the listener children stored, from their final status files."""
+    total = None
+    for path in spool.glob(".listener-status-*.json"):
+        counters = json.loads(path.read_text())["counters"]
+        total = (total or 0) + int(sum(v for n, _, v in counters
+                                       if n == "pacsnode_instances_received_total"))
+    return total
 
 
 def table(runs: Sequence[Run], receivers: Sequence[str]) -> str:
@@ -272,8 +311,9 @@ def report(args: argparse.Namespace, runs: Sequence[Run], nbytes: int, temp: Pat
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     senders = f"{args.parallel} storescu processes" if args.parallel > 1 else "1 storescu"
     storescp_mode = "normal (parse + re-encode)" if args.storescp_normal else "+B bit-preserving"
-    detail = "; ".join(f"{r.receiver} {r.seconds:.2f} s (CPU {r.cpu_seconds:.2f} s)"
-                       for r in runs)
+    detail = "; ".join(f"{r.receiver} {r.seconds:.2f} s (CPU {r.cpu_seconds:.2f} s"
+                       + (f", {r.by_children} by children" if r.by_children is not None
+                          else "") + ")" for r in runs)
     return "\n".join([
         (f"## {now}: {args.slices} × {args.size}×{args.size} CT, {senders}, "
          f"median of {args.repeat}"),
@@ -285,7 +325,9 @@ def report(args: argparse.Namespace, runs: Sequence[Run], nbytes: int, temp: Pat
          "Explicit VR Little Endian, CT Image Storage"),
         (f"- receivers: storescp {storescp_mode}, no fsync; Orthanc defaults "
          "(SyncStorageArea: fsync per file); pacsnode default config (fsync of file and "
-         "directory, SQLite index)"),
+         "directory, SQLite index)"
+         + "".join(f"; {pacsnode_name(n)}: the same with listener_processes = {n}"
+                   for n in args.listeners if n > 1)),
         f"- every run: {detail}",
         "",
         table(runs, order(args)),
@@ -296,8 +338,12 @@ def report(args: argparse.Namespace, runs: Sequence[Run], nbytes: int, temp: Pat
 def order(args: argparse.Namespace) -> list[str]:
     """The receivers of this run in the order they run (the baseline before pacsnode)."""
     names = [n for n in RECEIVERS if n in args.receivers]
+    if "pacsnode" in names:
+        at = names.index("pacsnode")
+        names[at:at + 1] = [pacsnode_name(n) for n in args.listeners]
     if args.baseline:
-        names.insert(names.index("pacsnode") if "pacsnode" in names else len(names),
+        first = next((i for i, n in enumerate(names) if n.startswith("pacsnode")), len(names))
+        names.insert(first,
                      args.baseline_name)
     return names
 
@@ -321,6 +367,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=1,
                    help="storescu processes (associations), files split in contiguous chunks")
     p.add_argument("--receivers", nargs="+", choices=RECEIVERS, default=list(RECEIVERS))
+    p.add_argument("--listeners", type=int, nargs="+", default=[1], metavar="N",
+                   help="run pacsnode once per N with [node] listener_processes = N "
+                        "(reported as pacsnode, pacsnode-lN)")
     p.add_argument("--storescp-normal", action="store_true",
                    help="run storescp without +B (parse and re-encode each data set)")
     p.add_argument("--baseline", metavar="REV",
@@ -330,8 +379,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=RESULTS, help="file the table is appended to")
     p.add_argument("--no-append", action="store_true", help="print only")
     args = p.parse_args(argv)
-    if min(args.slices, args.size, args.repeat, args.parallel) < 1:
-        p.error("--slices, --size, --repeat and --parallel must be >= 1")
+    if min(args.slices, args.size, args.repeat, args.parallel, *args.listeners) < 1:
+        p.error("--slices, --size, --repeat, --parallel and --listeners must be >= 1")
+    args.listeners = list(dict.fromkeys(args.listeners))
     missing = [t for t in ("storescu", "storescp", "Orthanc") if shutil.which(t) is None]
     if missing:
         p.error(f"not installed: {', '.join(missing)} (Debian packages dcmtk, orthanc)")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import json
 import queue
 import secrets
+import selectors
 import signal
 import subprocess
 import sys
@@ -27,6 +29,7 @@ from node.audit import AuditLog
 from node.db import is_postgresql, open_database
 from node.forward import make_forward_handler
 from node.intake import Intake
+from node.listener import listener_counters, remove_statuses
 from node.metrics import Metrics, exposition
 from node.notify import notify, watchdog_interval
 from node.jobs import Job, JobRunner, JobStateValues, JobStore, owner_name
@@ -154,6 +157,7 @@ class Node:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self.worker: WorkerSupervisor | None = None
+        self.listeners: ListenerSupervisor | None = None
         self._assembly_thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -166,10 +170,15 @@ class Node:
         self._assembly_thread.start()
         self.runner.start()
         self.receiver.start()
+        if self.settings.node.listener_processes > 1:
+            remove_statuses(self.settings)
+            self.listeners = ListenerSupervisor(self.settings, on_released=self._released.put)
+            self.listeners.start()
         self.admin = AdminServer(
             self.settings.http.host, self.settings.http.port, token=admin_token(self.settings),
             ready=self.readiness, jobs=self.jobs,
-            metrics=lambda: exposition(self.metrics, self.engine, self.spool.root),
+            metrics=lambda: exposition(self.metrics, self.engine, self.spool.root,
+                                       listener_counters(self.settings)),
             stow=self.stow, stow_token=stow_token(self.settings))
         self.admin.start()
         pid_file(self.settings).write_text(f"{os.getpid()}\n")
@@ -286,16 +295,19 @@ class Node:
         floor = self.settings.storage.min_free_mb * 1024 * 1024
         checks["disk"] = (free > floor, f"{free // (1024 * 1024)} MiB free, minimum "
                           f"{self.settings.storage.min_free_mb} MiB")
-        if self.worker is not None:
-            dead = [d for d, p in self.worker.procs.items() if p.poll() is not None]
-            checks["workers"] = (not dead, f"not running: {', '.join(dead)}" if dead
-                                 else f"{len(self.worker.procs)} running")
+        for name, supervisor in (("workers", self.worker), ("listeners", self.listeners)):
+            if supervisor is not None:
+                dead = [d for d, p in supervisor.procs.items() if p.poll() is not None]
+                checks[name] = (not dead, f"not running: {', '.join(dead)}" if dead
+                                else f"{len(supervisor.procs)} running")
         return checks
 
     def stop(self) -> None:
         log.info("stopping: no new associations")
         self.scheduler.stop()
         self.receiver.stop()
+        if self.listeners is not None:
+            self.listeners.stop()
         if self.admin is not None:
             self.admin.stop()
         if self.worker is not None:
@@ -352,6 +364,8 @@ class Node:
                     self.reload()
                 if self.worker is not None:
                     self.worker.check()
+                if self.listeners is not None:
+                    self.listeners.check()
         finally:
             notify("STOPPING=1")
             self.stop()
@@ -362,11 +376,14 @@ class WorkerSupervisor:
     models) and restarts any that dies, with a backoff doubling up to a minute: a CUDA
     crash or an OOM kill there must not stop intake."""
 
-    def __init__(self, settings: Settings) -> None:
+    what = "worker process"
+
+    def __init__(self, settings: Settings, *, keys: list[str] | None = None) -> None:
+        """``keys``: the processes to run (default: one per device queue)."""
         self.settings = settings
         # executor "ray": one process dispatches to the cluster's model actors
-        self.devices = ["ray"] if settings.executor.kind == "ray" else \
-            sorted({m.device for m in settings.models})
+        self.devices = keys if keys is not None else ["ray"] \
+            if settings.executor.kind == "ray" else sorted({m.device for m in settings.models})
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._backoff = {d: 1.0 for d in self.devices}
         self._next_start = {d: 0.0 for d in self.devices}
@@ -395,7 +412,7 @@ class WorkerSupervisor:
             if self._next_start[device] == 0.0:
                 if now - self._started[device] > 60:
                     self._backoff[device] = 1.0
-                log.error("worker process %d (%s) exited with %s; restarting in %.0f s",
+                log.error("%s %d (%s) exited with %s; restarting in %.0f s", self.what,
                           proc.pid, device, proc.returncode, self._backoff[device])
                 self._next_start[device] = now + self._backoff[device]
                 self._backoff[device] = min(60.0, self._backoff[device] * 2)
@@ -413,3 +430,85 @@ class WorkerSupervisor:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+class ListenerSupervisor(WorkerSupervisor):
+    """The listener children of ``[node] listener_processes`` (node/listener.py), run and
+    restarted like workers. Each gets the write end of a pipe on which it announces its
+    released associations, one JSON list of series UIDs per line; a thread here reads
+    them all and hands each to ``on_released`` (assembly's fast path)."""
+
+    what = "listener process"
+
+    def __init__(self, settings: Settings, *,
+                 on_released: Callable[[set[str]], None]) -> None:
+        super().__init__(settings, keys=[str(i) for i in
+                                         range(1, settings.node.listener_processes)])
+        self.on_released = on_released
+        self._selector = selectors.DefaultSelector()
+        self._partial: dict[int, bytes] = {}
+        self._closing = threading.Event()
+        self._reader = threading.Thread(target=self._read_loop, name="listener-releases",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._reader.start()
+        super().start()
+
+    def _start(self, device: str) -> None:
+        assert self.settings.source_file is not None
+        read_fd, write_fd = os.pipe()
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "node.cli", "serve", "--role", "listener",
+                 "--listener-index", device, "-c", str(self.settings.source_file)],
+                env={**os.environ, "PACSNODE_PARENT_PID": str(os.getpid()),
+                     "PACSNODE_RELEASE_FD": str(write_fd)},
+                pass_fds=(write_fd,))
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self._partial[read_fd] = b""
+        self._selector.register(read_fd, selectors.EVENT_READ)
+        self.procs[device] = proc
+        self._started[device] = time.monotonic()
+        log.info("listener process %d started (listener %s)", proc.pid, device)
+
+    def _read_loop(self) -> None:
+        while not self._closing.is_set():
+            for key, _ in self._selector.select(timeout=0.5):
+                self._read(int(key.fd))
+
+    def _read(self, fd: int) -> None:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            chunk = b""
+        if not chunk:                   # the child exited: its end is closed
+            self._selector.unregister(fd)
+            os.close(fd)
+            self._partial.pop(fd, None)
+            return
+        *lines, rest = (self._partial[fd] + chunk).split(b"\n")
+        self._partial[fd] = rest
+        for line in lines:
+            try:
+                series = {str(uid) for uid in json.loads(line)}
+            except (ValueError, TypeError):
+                log.error("listener pipe: unreadable line of %d bytes ignored", len(line))
+                continue
+            if series:
+                self.on_released(series)
+
+    def stop(self) -> None:
+        super().stop()
+        self._closing.set()
+        if self._reader.is_alive():
+            self._reader.join(5)
+        for fd in list(self._partial):
+            self._selector.unregister(fd)
+            os.close(fd)
+        self._partial.clear()
+        self._selector.close()

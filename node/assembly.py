@@ -27,7 +27,7 @@ from typing import Protocol
 from sqlalchemy import Engine, Select, bindparam, or_, select
 from sqlalchemy.orm import Session
 
-from node.db import InstanceRow, SeriesRow, StudyRow
+from node.db import InstanceRow, SeriesRow, StudyRow, begin_write
 from node.domain import CompletedUnit, CompletionReasonValues, UnitStateValues
 from node.intake import utcnow
 from node.settings import AssemblySettings
@@ -138,6 +138,7 @@ class Assembly:
         done: list[CompletedUnit] = []
         uids = set(series_uids)
         with self._lock, Session(self.engine) as session, session.begin():
+            begin_write(session.connection())   # listener processes write beside us
             studies: set[str] = set()
             for uid in sorted(uids):
                 series = session.get(SeriesRow, uid, with_for_update=_LOCK)
@@ -178,6 +179,7 @@ class Assembly:
         if not due:
             return done  # the common case while instances stream in
         with self._lock, Session(self.engine) as session, session.begin():
+            begin_write(session.connection())
             for series in session.scalars(
                 select(SeriesRow).where(SeriesRow.state == RECEIVING)
                 .with_for_update(skip_locked=True)

@@ -119,6 +119,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             RayWorker(settings, sender=sender).serve_forever()
         else:
             WorkerNode(settings, sender=sender, device=args.device).serve_forever()
+    elif args.role == "listener":
+        import os
+        from node.listener import ListenerNode
+
+        fd = os.environ.get("PACSNODE_RELEASE_FD")
+        ListenerNode(settings, index=args.listener_index,
+                     release_fd=int(fd) if fd else None).serve_forever()
     else:
         Node(settings, spawn_worker=args.role == "all").serve_forever()
     return EXIT_OK
@@ -399,9 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", parents=[common], help="run the node")
     p.add_argument("--log-level", default="INFO")
-    p.add_argument("--role", choices=["all", "receiver", "worker"], default="all",
+    p.add_argument("--role", choices=["all", "receiver", "worker", "listener"], default="all",
                    help="all: receiver plus a worker process (default); receiver: DICOM, "
-                   "assembly, routing, delivery (never imports torch); worker: inference")
+                   "assembly, routing, delivery (never imports torch); worker: inference; "
+                   "listener: C-STORE intake only (started by the receiver when "
+                   "[node] listener_processes > 1)")
+    p.add_argument("--listener-index", type=int, default=1,
+                   help="listener role: which child this is (names its status file)")
     p.add_argument("--device", help="worker role: serve only the models configured with "
                    "this device (one worker per device queue)")
     p.set_defaults(func=cmd_serve)

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Connection,
     DateTime,
     Engine,
     Float,
@@ -169,6 +170,17 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
+
+
+def begin_write(conn: Connection) -> None:
+    """Take SQLite's write lock now, at the start of a read-then-write transaction.
+
+    pysqlite begins a transaction only at the first write, so the reads before it see
+    whatever other processes (listener children, node/listener.py) commit meanwhile;
+    BEGIN IMMEDIATE makes the whole transaction one consistent step, waiting up to
+    busy_timeout for the lock. PostgreSQL locks rows instead (FOR UPDATE)."""
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def is_postgresql(engine: Engine) -> bool:

@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from node.db import InstanceRow, SeriesRow, StudyRow
+from node.db import InstanceRow, SeriesRow, StudyRow, begin_write
 from node.domain import (
     AssociationInfo,
     InstanceHeader,
@@ -96,6 +96,13 @@ class Intake:
         if self._conn is None or self._conn.closed or self._conn.invalidated:
             self._conn = self.engine.connect()
         return self._conn
+
+    def _drop_connection(self) -> None:
+        """After a failed commit the driver may still hold the transaction open: start
+        the next store on a fresh connection (closing this one rolls it back)."""
+        if self._conn is not None:
+            self._conn.invalidate()
+            self._conn = None
 
     def store(
         self,
@@ -190,6 +197,7 @@ class Intake:
         try:
             conn = self._connection()
             with conn.begin():
+                begin_write(conn)   # listener processes index the same series at once
                 existing = conn.scalar(_SELECT_SHA, {"uid": header.sop_instance_uid})
                 if existing == staged.sha256:
                     return StoreOutcome(StoreResultValues.DUPLICATE, header, rel, staged.size)
@@ -205,12 +213,14 @@ class Intake:
                     values["where_uid"] = values.pop("sop_instance_uid")
                     conn.execute(_UPDATE_INSTANCE, values)
         except OperationalError as exc:
+            self._drop_connection()
             if "full" in str(exc.orig).lower():
                 raise StorageFullError("the index database's disk is full") from exc
             raise StorageError(f"indexing failed: {exc.orig}") from exc
         except IntegrityError as exc:
             raise _Conflict(str(exc.orig)) from exc
         except SQLAlchemyError as exc:
+            self._drop_connection()
             raise StorageError(f"indexing failed: {exc}") from exc
         result = StoreResultValues.STORED if existing is None else StoreResultValues.REPLACED
         return StoreOutcome(result, header, rel, staged.size)
@@ -309,6 +319,7 @@ class Intake:
                 continue
             staged = StagedFile(path, len(data), hashlib.sha256(data).hexdigest())
             with self._lock, Session(self.engine) as session, session.begin():
+                begin_write(session.connection())
                 if session.get(InstanceRow, header.sop_instance_uid) is not None:
                     continue
                 generation = self._touch_units(session, header, None, utcnow())

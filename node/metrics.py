@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import threading
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 from sqlalchemy import Engine, func, select
@@ -15,19 +16,22 @@ from node.db import JobRow
 from node.spool import worker_statuses
 
 
+CounterKey = tuple[str, tuple[tuple[str, str], ...]]   # name, sorted labels
+
+
 class Metrics:
     """Thread-safe counters; names follow Prometheus conventions."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._counters: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
+        self._counters: Counter[CounterKey] = Counter()
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
         key = (name, tuple(sorted(labels.items())))
         with self._lock:
             self._counters[key] += value  # type: ignore[assignment]  # Counter of floats
 
-    def snapshot(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    def snapshot(self) -> dict[CounterKey, float]:
         with self._lock:
             return dict(self._counters)
 
@@ -54,10 +58,15 @@ def _line(name: str, labels: tuple[tuple[str, str], ...], value: float) -> str:
     return f"{name} {value:g}"
 
 
-def exposition(metrics: Metrics, engine: Engine, spool: Path) -> str:
-    """The Prometheus text format (version 0.0.4)."""
+def exposition(metrics: Metrics, engine: Engine, spool: Path,
+               extra: Iterable[tuple[CounterKey, float]] = ()) -> str:
+    """The Prometheus text format (version 0.0.4). ``extra``: counters of other processes
+    (listener children, node/listener.py), added to ours."""
     samples: dict[str, list[tuple[tuple[tuple[str, str], ...], float]]] = {}
-    for (name, labels), value in metrics.snapshot().items():
+    counters = Counter(metrics.snapshot())
+    for key, value in extra:
+        counters[key] += value  # type: ignore[assignment]  # Counter of floats
+    for (name, labels), value in counters.items():
         samples.setdefault(name, []).append((labels, value))
     with Session(engine) as session:
         for kind, state, count in session.execute(

@@ -22,7 +22,7 @@ from pathlib import Path
 from sqlalchemy import Engine, delete, func, or_, select
 from sqlalchemy.orm import Session
 
-from node.db import InstanceRow, JobRow, SeriesRow, StudyRow
+from node.db import InstanceRow, JobRow, SeriesRow, StudyRow, begin_write
 from node.domain import UnitStateValues
 from node.intake import utcnow
 from node.jobs import CLAIMABLE, IN_FLIGHT
@@ -116,6 +116,7 @@ class Retention:
     def _remove_series(self, uid: str) -> tuple[int, int] | None:
         """Delete one series' rows, then its files; None when a live job needs it."""
         with self._lock, Session(self.engine) as session, session.begin():
+            begin_write(session.connection())   # listener processes write beside us
             series = session.get(SeriesRow, uid)
             if series is None or series.state != UnitStateValues.COMPLETE.value:
                 return 0, 0

@@ -1,0 +1,37 @@
+"""Listener children's counters: written atomically, read back, added into /metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from node.db import make_engine
+from node.listener import listener_counters, read_counters, remove_statuses, status_path, \
+    write_status
+from node.metrics import Metrics, exposition
+from tests.support import write_config
+from node.settings import load_settings
+
+
+def test_child_counters_are_added_to_the_receivers_metrics(tmp_path: Path) -> None:
+    settings = load_settings(write_config(tmp_path / "cfg", node={"listener_processes": 3}))
+    settings.storage.spool.mkdir(parents=True)
+    for index, instances in ((1, 7), (2, 5)):
+        child = Metrics()
+        child.inc("pacsnode_instances_received_total", instances)
+        child.inc("pacsnode_instances_refused_total", status="A900")
+        write_status(status_path(settings, index), pid=100 + index, index=index, metrics=child)
+    # a half-written or foreign file counts as nothing, and breaks nothing
+    status_path(settings, 3).write_text('{"counters": [["x", ')
+    assert read_counters(status_path(settings, 3)) == {}
+    assert read_counters(status_path(settings, 1)) == {
+        ("pacsnode_instances_received_total", ()): 7.0,
+        ("pacsnode_instances_refused_total", (("status", "A900"),)): 1.0}
+    own = Metrics()
+    own.inc("pacsnode_instances_received_total", 10)
+    engine = make_engine(settings.storage.database)
+    text = exposition(own, engine, settings.storage.spool, listener_counters(settings))
+    assert "pacsnode_instances_received_total 22" in text.splitlines()
+    assert 'pacsnode_instances_refused_total{status="A900"} 2' in text.splitlines()
+    remove_statuses(settings)            # the receiver's start: no carry-over
+    assert list(listener_counters(settings)) == []
+    assert not list(settings.storage.spool.glob(".listener-status-*"))
