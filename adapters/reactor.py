@@ -37,6 +37,8 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import RequestHandler
 
+from node.part10 import ui_value
+
 # Longest a loop waits for an event before it runs its periodic checks anyway.
 MAX_WAIT = 0.01
 
@@ -118,11 +120,6 @@ def _implicit(element: int, value: bytes) -> bytes:
     return struct.pack("<HHI", 0x0000, element, len(value)) + value
 
 
-def _uid(value: str) -> bytes:
-    raw = value.encode("ascii")
-    return raw + b"\0" if len(raw) % 2 else raw
-
-
 def c_store_success_command(primitive: C_STORE) -> bytes | None:
     """The command set of a plain successful C-STORE-RSP, encoded by hand (pynetdicom builds
     a pydicom Dataset and encodes it: ~0.4 ms of every instance); None for anything else."""
@@ -131,12 +128,12 @@ def c_store_success_command(primitive: C_STORE) -> bytes | None:
             or not primitive.AffectedSOPInstanceUID):
         return None
     body = b"".join((
-        _implicit(0x0002, _uid(str(primitive.AffectedSOPClassUID))),
+        _implicit(0x0002, ui_value(str(primitive.AffectedSOPClassUID))),
         _implicit(0x0100, struct.pack("<H", 0x8001)),     # CommandField: C-STORE-RSP
         _implicit(0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)),
         _implicit(0x0800, struct.pack("<H", 0x0101)),     # CommandDataSetType: none
         _implicit(0x0900, struct.pack("<H", 0x0000)),     # Status: Success
-        _implicit(0x1000, _uid(str(primitive.AffectedSOPInstanceUID))),
+        _implicit(0x1000, ui_value(str(primitive.AffectedSOPInstanceUID))),
     ))
     return _implicit(0x0000, struct.pack("<I", len(body))) + body
 

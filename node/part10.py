@@ -21,7 +21,8 @@ def _element(group_element: int, vr: bytes, value: bytes) -> bytes:
     return tag + vr + struct.pack("<H", len(value)) + value
 
 
-def _ui(value: str) -> bytes:
+def ui_value(value: str) -> bytes:
+    """A UID value as encoded: ASCII, padded to even length with one NUL (PS3.5 9.1)."""
     raw = value.encode("ascii")
     return raw + b"\x00" if len(raw) % 2 else raw
 
@@ -41,10 +42,10 @@ def file_header(
     """Preamble, "DICM" and the file meta group for one instance (Explicit VR LE)."""
     body = b"".join((
         _element(0x0001, b"OB", b"\x00\x01"),
-        _element(0x0002, b"UI", _ui(sop_class_uid)),
-        _element(0x0003, b"UI", _ui(sop_instance_uid)),
-        _element(0x0010, b"UI", _ui(transfer_syntax_uid)),
-        _element(0x0012, b"UI", _ui(IMPLEMENTATION_CLASS_UID)),
+        _element(0x0002, b"UI", ui_value(sop_class_uid)),
+        _element(0x0003, b"UI", ui_value(sop_instance_uid)),
+        _element(0x0010, b"UI", ui_value(transfer_syntax_uid)),
+        _element(0x0012, b"UI", ui_value(IMPLEMENTATION_CLASS_UID)),
         _element(0x0013, b"SH", _text(IMPLEMENTATION_VERSION_NAME)),
         _element(0x0016, b"AE", _text(source_ae_title)) if source_ae_title else b"",
     ))
