@@ -9,6 +9,7 @@ which is then a harmless duplicate).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -120,7 +121,8 @@ class Intake:
         """
         # The writer runs while this thread parses the header, but it needs the GIL to get
         # going, which parsing would hold: wait until its write is done and only the
-        # fsync (which releases the GIL) is left, then parse beside the fsync.
+        # fsync (which releases the GIL) is left, then parse and hash beside the fsync
+        # (sha256 of a 512 KB instance is ~0.3 ms; it releases the GIL too).
         fsyncing = threading.Event()
         writing = self._writers.submit(self._stage, data, fsyncing)
         fsyncing.wait()
@@ -132,13 +134,14 @@ class Intake:
                 raise DatasetMismatchError(
                     f"Study Instance UID in the data set ({header.study_instance_uid}) differs "
                     f"from the study in the request ({expected_study_instance_uid})")
+            digest = hashlib.sha256(data).hexdigest()
         except IntakeError:
             try:
                 self.spool.discard(writing.result())
             except IntakeError:
                 pass
             raise
-        staged = writing.result()
+        staged = dataclasses.replace(writing.result(), sha256=digest)
         try:
             return self._commit(header, staged, peer)
         finally:
@@ -146,7 +149,7 @@ class Intake:
 
     def _stage(self, data: bytes, fsyncing: threading.Event) -> StagedFile:
         try:
-            return self.spool.stage(data, before_fsync=fsyncing.set)
+            return self.spool.stage(data, before_fsync=fsyncing.set, digest=False)
         finally:
             fsyncing.set()
 

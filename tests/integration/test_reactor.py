@@ -6,10 +6,17 @@ from __future__ import annotations
 import os
 import threading
 import time
+from io import BytesIO
 from pathlib import Path
+from typing import Any
 
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.dsutils import encode
+from pynetdicom.service_class import VerificationServiceClass
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -60,3 +67,98 @@ def test_stores_and_releases_are_served_and_no_wakeup_socket_is_left(tmp_path: P
         str(s.datasets[0].SeriesInstanceUID) for s in series)
     with Session(rig.engine) as session:
         assert session.scalar(select(func.count()).select_from(InstanceRow)) == 24
+
+
+def _spy_store_threads(rig: Rig) -> list[str]:
+    """Names of the threads the (real) intake stores on, in order."""
+    threads: list[str] = []
+    store = rig.intake.store
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return store(*args, **kwargs)
+
+    rig.intake.store = spy  # type: ignore[method-assign]
+    return threads
+
+
+def test_a_store_is_served_on_the_dul_thread_and_echo_on_the_association_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = Rig(tmp_path)
+    threads = _spy_store_threads(rig)
+    echoed: list[str] = []
+    echo = VerificationServiceClass.SCP
+
+    def spy_echo(self: VerificationServiceClass, req: Any, context: Any) -> None:
+        echoed.append(threading.current_thread().name)
+        echo(self, req, context)
+
+    monkeypatch.setattr(VerificationServiceClass, "SCP", spy_echo)
+    receiver = DimseReceiver(NodeSettings(host="127.0.0.1", port=free_port()), rig.intake)
+    receiver.start()
+    try:
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(CTImageStorage)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", receiver.port, ae_title="PACSNODE")
+        assert assoc.is_established
+        dul_names = {t.name for t in threading.enumerate() if isinstance(t, WakingDUL)}
+        statuses = [assoc.send_c_store(ds).Status for ds in small_series(3).datasets]
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+    finally:
+        receiver.stop()
+    assert statuses == [0, 0, 0]
+    assert len(threads) == 3 and set(threads) <= dul_names, (threads, dul_names)
+    assert echoed and echoed[0] not in dul_names
+
+
+def test_a_store_behind_a_request_in_hand_waits_its_turn(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer that does not wait (C-ECHO-RQ and C-STORE-RQ back to back) while the
+    association thread is still serving the echo: the store is not overtaken onto the DUL
+    thread, and the responses come back in request order."""
+    rig = Rig(tmp_path)
+    threads = _spy_store_threads(rig)
+    echo = VerificationServiceClass.SCP
+
+    def slow_echo(self: VerificationServiceClass, req: Any, context: Any) -> None:
+        time.sleep(0.5)
+        echo(self, req, context)
+
+    monkeypatch.setattr(VerificationServiceClass, "SCP", slow_echo)
+    receiver = DimseReceiver(NodeSettings(host="127.0.0.1", port=free_port()), rig.intake)
+    receiver.start()
+    ds = small_series(1).datasets[0]
+    try:
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", receiver.port, ae_title="PACSNODE")
+        assert assoc.is_established
+        contexts = {str(cx.abstract_syntax): cx.context_id for cx in assoc.accepted_contexts}
+        dul_names = {t.name for t in threading.enumerate() if isinstance(t, WakingDUL)}
+        # keep the SCU's own reactor off its message queue while we read it ourselves
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.001)
+        echo_rq = C_ECHO()
+        echo_rq.MessageID = 1
+        echo_rq.AffectedSOPClassUID = Verification
+        store_rq = C_STORE()
+        store_rq.MessageID = 2
+        store_rq.AffectedSOPClassUID = ds.SOPClassUID
+        store_rq.AffectedSOPInstanceUID = ds.SOPInstanceUID
+        store_rq.Priority = 2
+        store_rq.DataSet = BytesIO(encode(ds, False, True))
+        assoc.dimse.send_msg(echo_rq, contexts[Verification])
+        assoc.dimse.send_msg(store_rq, contexts[CTImageStorage])
+        answers = [assoc.dimse.get_msg(block=True)[1] for _ in range(2)]
+        assoc._reactor_checkpoint.set()
+        assoc.release()
+    finally:
+        receiver.stop()
+    assert [type(a).__name__ for a in answers] == ["C_ECHO", "C_STORE"]
+    assert [a.MessageIDBeingRespondedTo for a in answers] == [1, 2]
+    assert answers[1].Status == 0
+    assert len(threads) == 1 and threads[0] not in dul_names
