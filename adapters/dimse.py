@@ -31,8 +31,9 @@ from pynetdicom import (
 from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated names
 
+from adapters.pdata import DirectInstance, StoreRequest
 from adapters.reactor import WakingRequestHandler
-from node.domain import AssociationInfo
+from node.domain import AssociationInfo, StoreOutcome
 from node.errors import (
     DatasetMismatchError,
     DeliveryError,
@@ -40,7 +41,7 @@ from node.errors import (
     InvalidInstanceError,
     StorageFullError,
 )
-from node.intake import Intake
+from node.intake import IncomingInstance, Intake
 from node.metrics import Metrics
 from node.part10 import file_header
 from node.ports import SendReport
@@ -249,33 +250,62 @@ class DimseReceiver:
         return int(self._server.server_address[1]) if self._server else self.settings.port
 
     def stop(self) -> None:
-        """Stop accepting; associations in flight are aborted so their senders retry."""
+        """Stop accepting; associations in flight are aborted so their senders retry (an
+        instance being stored when the abort comes is finished, but not acknowledged)."""
         if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+            server, self._server = self._server, None
+            in_flight = server.active_associations
+            server.shutdown()
+            for assoc in in_flight:
+                assoc.abort()       # returns once the association's threads have stopped
 
     def _on_store(self, event: Any) -> int:
-        assoc = event.assoc
+        """EVT_C_STORE: a request pynetdicom decoded (most come by :meth:`open_direct`)."""
+        request = event.request
+        originator = getattr(request, "MoveOriginatorApplicationEntityTitle", None)
+        return self._store(event.assoc, str(request.AffectedSOPClassUID),
+                           str(request.AffectedSOPInstanceUID),
+                           str(event.context.transfer_syntax),
+                           str(originator or "").strip() or None,
+                           (event.encoded_dataset(include_meta=False),))
+
+    def open_direct(self, assoc: Any, request: StoreRequest) -> DirectInstance:
+        """A request adapters/pdata.py reads from the PDUs itself, on the DUL thread: its
+        data set goes to the spool fragment by fragment as it arrives."""
+        peer = self._peer(assoc, request.move_originator_ae)
+        incoming = self.intake.receive(
+            file_header(request.sop_class_uid, request.sop_instance_uid,
+                        request.transfer_syntax, source_ae_title=peer.calling_ae_title),
+            peer=peer,
+            expected_sop_instance_uid=request.sop_instance_uid,
+            expected_sop_class_uid=request.sop_class_uid,
+        )
+        return _Incoming(incoming, lambda: self._answer(assoc, request.sop_instance_uid,
+                                                        peer, incoming.finish))
+
+    def _store(self, assoc: Any, sop_class: str, sop_uid: str, transfer_syntax: str,
+               move_originator: str | None, dataset: Sequence[bytes | memoryview]) -> int:
+        peer = self._peer(assoc, move_originator)
+        data = b"".join((file_header(sop_class, sop_uid, transfer_syntax,
+                                     source_ae_title=peer.calling_ae_title), *dataset))
+        return self._answer(assoc, sop_uid, peer, lambda: self.intake.store(
+            data, peer=peer, expected_sop_instance_uid=sop_uid,
+            expected_sop_class_uid=sop_class))
+
+    def _peer(self, assoc: Any, move_originator: str | None) -> AssociationInfo:
         peer = AssociationInfo(
             calling_ae_title=str(assoc.requestor.ae_title).strip(),
             called_ae_title=str(assoc.acceptor.ae_title).strip(),
             address=str(assoc.requestor.address),
             port=int(assoc.requestor.port or 0),
         )
-        request = event.request
-        sop_uid = str(request.AffectedSOPInstanceUID)
-        peer = self._as_source(peer, request)
-        data = file_header(
-            str(request.AffectedSOPClassUID), sop_uid, str(event.context.transfer_syntax),
-            source_ae_title=peer.calling_ae_title,
-        ) + event.encoded_dataset(include_meta=False)
+        return self._as_source(peer, move_originator)
+
+    def _answer(self, assoc: Any, sop_uid: str, peer: AssociationInfo,
+                store: Callable[[], StoreOutcome]) -> int:
+        """Run ``store``; the C-STORE status for its outcome, counted and logged."""
         try:
-            outcome = self.intake.store(
-                data,
-                peer=peer,
-                expected_sop_instance_uid=sop_uid,
-                expected_sop_class_uid=str(request.AffectedSOPClassUID),
-            )
+            outcome = store()
         except StorageFullError as exc:
             self.metrics.inc("pacsnode_instances_refused_total", status="A700")
             log.error("C-STORE %s from %s refused (A700 out of resources): %s", sop_uid,
@@ -301,12 +331,11 @@ class DimseReceiver:
         self.metrics.inc("pacsnode_bytes_received_total", float(outcome.size))
         return StatusValues.SUCCESS
 
-    def _as_source(self, peer: AssociationInfo, request: Any) -> AssociationInfo:
+    def _as_source(self, peer: AssociationInfo, originator: str | None) -> AssociationInfo:
         """A C-STORE sub-operation of a C-MOVE this node asked for (its Move Originator AE
         Title is ours, PS3.7 9.1.1.1) from a pull source's PACS carries the source's name
         as calling AE title, like the instances a C-GET returns."""
-        originator = str(getattr(request, "MoveOriginatorApplicationEntityTitle", None) or "")
-        if originator.strip() != self.settings.ae_title:
+        if originator != self.settings.ae_title:
             return peer
         name = self.moved_from(peer.calling_ae_title)
         return dataclasses.replace(peer, calling_ae_title=name[:16]) if name else peer
@@ -433,3 +462,20 @@ class DimseSender:
             if assoc.is_established:
                 assoc.release()
         return SendReport(destination.name, sent, tuple(failed))
+
+
+class _Incoming:
+    """adapters/pdata.py's view of an instance the intake receives piece by piece."""
+
+    def __init__(self, incoming: IncomingInstance, finish: Callable[[], int]) -> None:
+        self._incoming = incoming
+        self._finish = finish
+
+    def add(self, fragment: memoryview) -> None:
+        self._incoming.add(fragment)
+
+    def finish(self) -> int:
+        return self._finish()
+
+    def abandon(self) -> None:
+        self._incoming.abandon()

@@ -27,6 +27,7 @@ assembly and service classes are its own. Measured in bench/RESULTS.md (issue 2)
 
 from __future__ import annotations
 
+import logging
 import queue
 import select
 import socket
@@ -37,7 +38,12 @@ import time
 from typing import Any, cast
 
 from pynetdicom import evt
-from pynetdicom._handlers import standard_dimse_sent_handler, standard_pdu_sent_handler
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
@@ -45,10 +51,17 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+from adapters.pdata import DirectStore, MalformedPdu, PDataReader, p_data
 from node.part10 import ui_value
 
 # Longest a loop waits for an event before it runs its periodic checks anyway.
 MAX_WAIT = 0.01
+# Largest read BulkReadSocket allocates in one piece (a PDU header may claim up to 4 GiB:
+# anything above this is read as pynetdicom reads it, as it arrives).
+BULK_READ_MAX = 16 << 20
+_UNSET = object()
+
+log = logging.getLogger(__name__)
 
 
 class WakingDUL(DULServiceProvider):
@@ -65,6 +78,7 @@ class WakingDUL(DULServiceProvider):
         self._wake_recv.setblocking(False)
         self._wake_send.setblocking(False)
         self._idle_delay = 0.001
+        self._pdata_reader: object = _UNSET
         super().__init__(assoc)
 
     @property
@@ -110,6 +124,41 @@ class WakingDUL(DULServiceProvider):
         super().send_pdu(primitive)
         self._wake()
 
+    def _read_pdu_data(self) -> None:
+        """P-DATA-TF PDUs of an established association go to adapters/pdata.py's reader,
+        every other PDU to pynetdicom (it reads the 6 bytes taken to tell them apart)."""
+        sock = self.socket
+        reader = self._reader()
+        if reader is None or not isinstance(sock, BulkReadSocket):
+            super()._read_pdu_data()
+            return
+        header = sock.recv(6)
+        if len(header) != 6 or header[0] != 0x04:
+            sock.unread(header)
+            super()._read_pdu_data()
+            return
+        length = struct.unpack_from(">I", header, 2)[0]
+        body = sock.recv(length)
+        if len(body) != length:       # as pynetdicom: the connection closed mid-PDU
+            log.error("The received PDU is shorter than expected (%d of %d bytes received)",
+                      len(body) + 6, length + 6)
+            self.event_queue.put("Evt17")
+            return
+        try:
+            reader.feed(memoryview(body))
+        except MalformedPdu as exc:   # as pynetdicom: an invalid PDU aborts (AA-8)
+            log.error("Unable to decode the received P-DATA-TF PDU: %s", exc)
+            self.event_queue.put("Evt19")
+
+    def _reader(self) -> PDataReader | None:
+        if self.state_machine.current_state != "Sta6":
+            return None
+        if self._pdata_reader is _UNSET:
+            dimse = self.assoc.dimse
+            self._pdata_reader = dimse.pdata_reader() if isinstance(dimse, WaitingDIMSE) \
+                else None
+        return cast(PDataReader | None, self._pdata_reader)
+
     def kill_dul(self) -> None:
         super().kill_dul()
         self._wake()
@@ -118,6 +167,8 @@ class WakingDUL(DULServiceProvider):
         try:
             super().run_reactor()
         finally:
+            if isinstance(self._pdata_reader, PDataReader):
+                self._pdata_reader.close()     # a half-received instance is removed
             with self._wake_lock:
                 self._wake_send.close()
                 self._wake_recv.close()
@@ -134,24 +185,33 @@ def p_data_tf(context_id: int, value: bytes) -> bytes:
     return struct.pack(">BBI", 0x04, 0x00, len(item)) + item
 
 
+def c_store_response_command(message_id: int, sop_class_uid: str, sop_instance_uid: str,
+                             status: int) -> bytes:
+    """The command set of a C-STORE-RSP without error comment or offending element,
+    encoded by hand (pynetdicom builds a pydicom Dataset and encodes it: ~0.4 ms)."""
+    body = b"".join((
+        _implicit(0x0002, ui_value(sop_class_uid)),
+        _implicit(0x0100, struct.pack("<H", 0x8001)),     # CommandField: C-STORE-RSP
+        _implicit(0x0120, struct.pack("<H", message_id)),  # MessageIDBeingRespondedTo
+        _implicit(0x0800, struct.pack("<H", 0x0101)),     # CommandDataSetType: none
+        _implicit(0x0900, struct.pack("<H", status)),
+        _implicit(0x1000, ui_value(sop_instance_uid)),
+    ))
+    return _implicit(0x0000, struct.pack("<I", len(body))) + body
+
+
 def c_store_success_command(primitive: C_STORE) -> bytes | None:
-    """The command set of a plain successful C-STORE-RSP, encoded by hand (pynetdicom builds
-    a pydicom Dataset and encodes it: ~0.4 ms of every instance); None for anything else."""
+    """:func:`c_store_response_command` for pynetdicom's response primitive when it is a
+    plain success; None for anything else (pynetdicom encodes those)."""
     # (MessageID is not part of a C-STORE-RSP: pynetdicom's service class sets it on the
     #  response primitive anyway, and its encoder leaves it out)
     if (primitive.MessageIDBeingRespondedTo is None or primitive.Status != 0x0000
             or primitive.ErrorComment is not None or primitive.OffendingElement is not None
             or not primitive.AffectedSOPClassUID or not primitive.AffectedSOPInstanceUID):
         return None
-    body = b"".join((
-        _implicit(0x0002, ui_value(str(primitive.AffectedSOPClassUID))),
-        _implicit(0x0100, struct.pack("<H", 0x8001)),     # CommandField: C-STORE-RSP
-        _implicit(0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)),
-        _implicit(0x0800, struct.pack("<H", 0x0101)),     # CommandDataSetType: none
-        _implicit(0x0900, struct.pack("<H", 0x0000)),     # Status: Success
-        _implicit(0x1000, ui_value(str(primitive.AffectedSOPInstanceUID))),
-    ))
-    return _implicit(0x0000, struct.pack("<I", len(body))) + body
+    return c_store_response_command(primitive.MessageIDBeingRespondedTo,
+                                    str(primitive.AffectedSOPClassUID),
+                                    str(primitive.AffectedSOPInstanceUID), 0x0000)
 
 
 class _ServeOnArrival(queue.Queue):  # type: ignore[type-arg]
@@ -203,14 +263,9 @@ class WaitingDIMSE(DIMSEServiceProvider):
         safe; False leaves it to the association thread."""
         assoc = self.assoc
         if (not isinstance(primitive, C_STORE) or not primitive.is_valid_request
-                or threading.current_thread() is not self.dul
                 or getattr(primitive, "_dataset_file", None) is not None
-                or not assoc.is_established or assoc._sent_release or assoc._sent_abort
-                or context_id not in assoc._accepted_cx):
+                or context_id not in assoc._accepted_cx or not self.may_serve_now()):
             return False
-        with self._count_lock:
-            if self._handed_over:
-                return False
         # Nothing is queued or being served, and only this thread queues messages: the
         # association thread cannot start on anything before this request is answered.
         assoc.abort = assoc._abort_nonblocking  # type: ignore[method-assign]
@@ -220,16 +275,61 @@ class WaitingDIMSE(DIMSEServiceProvider):
             assoc.abort = assoc._abort_blocking  # type: ignore[method-assign]
         return True
 
+    def may_serve_now(self) -> bool:
+        """On the DUL thread: may a request be served here, now? Only while the
+        association is up and the association thread has nothing queued or in hand."""
+        assoc = self.assoc
+        if (threading.current_thread() is not self.dul or not assoc.is_established
+                or assoc._sent_release or assoc._sent_abort):
+            return False
+        with self._count_lock:
+            return self._handed_over == 0
+
+    def respond_store(self, context_id: int, message_id: int, sop_class_uid: str,
+                      sop_instance_uid: str, status: int) -> None:
+        """The C-STORE-RSP for a request read by adapters/pdata.py."""
+        self._send_command(context_id, c_store_response_command(
+            message_id, sop_class_uid, sop_instance_uid, status))
+
+    def pdata_reader(self) -> PDataReader | None:
+        """A reader of this association's P-DATA (adapters/pdata.py), or None where
+        pynetdicom must see every PDU: a C-STORE handler without a direct entry, or
+        handlers bound to the receive events (pynetdicom's own debug loggers aside)."""
+        assoc = self.assoc
+        handler = assoc.get_handlers(evt.EVT_C_STORE)
+        store = getattr(handler[0], "__self__", None) if isinstance(handler, tuple) else None
+        if not isinstance(store, DirectStore):
+            return None
+        standard = {evt.EVT_DATA_RECV: (), evt.EVT_PDU_RECV: (standard_pdu_recv_handler,),
+                    evt.EVT_DIMSE_RECV: (standard_dimse_recv_handler,)}
+        for event, allowed in standard.items():
+            if any(not isinstance(h, tuple) or h[0] not in allowed
+                   for h in assoc.get_handlers(event)):
+                return None
+        return PDataReader(assoc, store,
+                           to_pynetdicom=lambda cx, value: self.receive_primitive(
+                               p_data(cx, value)),
+                           pynetdicom_busy=lambda: self.message is not None,
+                           may_serve_now=self.may_serve_now,
+                           respond=self.respond_store)
+
     def send_msg(self, primitive: Any, context_id: int) -> None:
         command = c_store_success_command(primitive) if isinstance(primitive, C_STORE) \
             else None
+        if command is None or not self._may_send_command(command):
+            super().send_msg(primitive, context_id)
+            return
+        self._send_command(context_id, command)
+
+    def _may_send_command(self, command: bytes) -> bool:
+        """A hand-encoded command fits one PDU and nobody waits for EVT_DIMSE_SENT (the
+        standard handler logs nothing for a C-STORE-RSP)."""
         limit = self.maximum_pdu_size
-        handlers = self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
-        if (command is None or (limit and len(command) + 6 > limit)
-                or any(not isinstance(h, tuple) or h[0] is not standard_dimse_sent_handler
-                       for h in handlers)):
-            super().send_msg(primitive, context_id)   # (the standard handler logs nothing
-            return                                    #  for a C-STORE-RSP)
+        return not (limit and len(command) + 6 > limit) and all(
+            isinstance(h, tuple) and h[0] is standard_dimse_sent_handler
+            for h in self.assoc.get_handlers(evt.EVT_DIMSE_SENT))
+
+    def _send_command(self, context_id: int, command: bytes) -> None:
         value = b"\x03" + command                  # a command, its last fragment
         if self._may_send_now():
             self.dul.socket.send(p_data_tf(context_id, value))   # type: ignore[union-attr]
@@ -273,7 +373,19 @@ class BulkReadSocket(AssociationSocket):
     closed the connection, lets socket errors and timeouts through.
     """
 
+    _pushback = b""
+
+    def unread(self, data: bytes | bytearray) -> None:
+        """Give bytes back: the next :meth:`recv` returns them first."""
+        self._pushback = bytes(data) + self._pushback
+
     def recv(self, nr_bytes: int) -> bytearray:
+        if self._pushback:
+            head, self._pushback = self._pushback[:nr_bytes], self._pushback[nr_bytes:]
+            rest = self.recv(nr_bytes - len(head)) if len(head) < nr_bytes else bytearray()
+            return bytearray(head) + rest
+        if nr_bytes > BULK_READ_MAX:
+            return super().recv(nr_bytes)
         sock = cast(socket.socket, self.socket)
         buffer = bytearray(nr_bytes)
         done = 0

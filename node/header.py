@@ -177,8 +177,10 @@ def _skip_sequence(buf: bytes, pos: int, explicit: bool, depth: int = 0) -> int:
             raise _GiveUp
 
 
-def _walk(buf: bytes, pos: int, explicit: bool) -> dict[str, bytes]:
-    """Raw values of the wanted top-level elements; checks every length up to the pixels."""
+def _walk(buf: bytes, pos: int, explicit: bool, *, to_pixels: bool = False) -> dict[str, bytes]:
+    """Raw values of the wanted top-level elements; checks every length up to the pixels.
+    ``to_pixels``: ``buf`` may be the start of an instance only; give up unless the Pixel
+    Data element starts in it (so that every element before it was seen and checked)."""
     found: dict[str, bytes] = {}
     end, previous = len(buf), -1
     while pos < end:
@@ -187,7 +189,7 @@ def _walk(buf: bytes, pos: int, explicit: bool) -> dict[str, bytes]:
             raise _GiveUp
         previous = tag
         if tag == _PIXEL_DATA:
-            break
+            return found
         if length == _UNDEFINED:
             if explicit and vr not in (b"SQ", b"UN"):
                 raise _GiveUp
@@ -198,6 +200,8 @@ def _walk(buf: bytes, pos: int, explicit: bool) -> dict[str, bytes]:
             raise _GiveUp
         if tag <= _LAST_WANTED and tag in _WANTED:
             found[_WANTED[tag]] = buf[value:pos]
+    if to_pixels:
+        raise _GiveUp
     return found
 
 
@@ -212,9 +216,14 @@ def _single(raw: bytes | None, encoding: str, *, strip_nulls: bool = False) -> s
     return text.strip() or None
 
 
-def read_header_fast(data: bytes, *,
-                     transfer_syntax_uid: str | None = None) -> InstanceHeader | None:
-    """:func:`read_header` for Explicit/Implicit VR Little Endian Part 10 bytes, or None."""
+def read_header_fast(data: bytes, *, transfer_syntax_uid: str | None = None,
+                     start_only: bool = False) -> InstanceHeader | None:
+    """:func:`read_header` for Explicit/Implicit VR Little Endian Part 10 bytes, or None.
+
+    ``start_only``: ``data`` is the beginning of an instance still arriving; the answer
+    is the one the whole instance would give, or None when it cannot be sure of that (the
+    pixel data does not start within ``data``, or the instance has none).
+    """
     try:
         if data[128:132] != b"DICM":
             return None
@@ -222,7 +231,7 @@ def read_header_fast(data: bytes, *,
         ts = transfer_syntax_uid or meta[1]
         if ts not in (_EXPLICIT_LE, _IMPLICIT_LE):
             return None
-        raw = _walk(data, meta[0], ts == _EXPLICIT_LE)
+        raw = _walk(data, meta[0], ts == _EXPLICIT_LE, to_pixels=start_only)
         charset = _single(raw.get("SpecificCharacterSet"), "ascii") or ""
         encoding = _ENCODINGS.get(charset)
         if encoding is None:

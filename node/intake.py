@@ -30,8 +30,8 @@ from node.domain import (
     UnitStateValues,
 )
 from node.errors import DatasetMismatchError, IntakeError, StorageError, StorageFullError
-from node.header import read_header
-from node.spool import Spool, StagedFile, relative_path
+from node.header import read_header, read_header_fast
+from node.spool import Spool, StagedFile, StageWriter, relative_path
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +82,12 @@ class Intake:
         self._lock = lock or threading.Lock()
         self._stripes = tuple(threading.Lock() for _ in range(64))
         self._conn: Connection | None = None
+        self._closed = False
         # Writing and fsync'ing release the GIL: they run beside header parsing.
         self._writers = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="spool-writer")
 
     def close(self) -> None:
+        self._closed = True
         self._writers.shutdown(wait=True)
         with self._lock:
             if self._conn is not None:
@@ -119,6 +121,7 @@ class Intake:
         ``expected_*``: what the request that carried the bytes said (C-STORE's Affected
         SOP Instance/Class UID, the study of a STOW-RS URL); a contradiction is refused.
         """
+        self._check_open()
         # The writer runs while this thread parses the header, but it needs the GIL to get
         # going, which parsing would hold: wait until its write is done and only the
         # fsync (which releases the GIL) is left, then parse and hash beside the fsync
@@ -146,6 +149,29 @@ class Intake:
             return self._commit(header, staged, peer)
         finally:
             self.spool.discard(staged)
+
+    def receive(
+        self,
+        prefix: bytes,
+        *,
+        peer: AssociationInfo | None = None,
+        expected_sop_instance_uid: str | None = None,
+        expected_sop_class_uid: str | None = None,
+    ) -> IncomingInstance:
+        """Store one instance that arrives in pieces: ``prefix`` (its File Meta), then
+        :meth:`IncomingInstance.add` per piece, then :meth:`IncomingInstance.finish`.
+
+        The same checks and durability as :meth:`store`, with the work moved to while the
+        pieces arrive: each is written and hashed at once, and the header is read from the
+        first ones, so that after the last only the fsync, rename and index are left.
+        Errors (disk full, a stopping receiver, a bad instance) are raised by ``finish``.
+        """
+        return IncomingInstance(self, prefix, peer, expected_sop_instance_uid,
+                                expected_sop_class_uid)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError("the receiver is stopping; send again once it is back")
 
     def _stage(self, data: bytes, fsyncing: threading.Event) -> StagedFile:
         try:
@@ -372,3 +398,74 @@ def _instance_values(
         "generation": generation,
         "received_at": now,
     }
+
+
+class IncomingInstance:
+    """One instance being received piece by piece (see :meth:`Intake.receive`).
+
+    An error while the pieces arrive (disk full, say) is kept and raised by
+    :meth:`finish`: the sender is answered once it has sent everything, as the protocol
+    wants. Call :meth:`abandon` when the rest will never come.
+    """
+
+    def __init__(self, intake: Intake, prefix: bytes, peer: AssociationInfo | None,
+                 expected_sop_instance_uid: str | None,
+                 expected_sop_class_uid: str | None) -> None:
+        self._intake = intake
+        self._peer = peer
+        self._expected = (expected_sop_instance_uid, expected_sop_class_uid)
+        self._pieces: list[bytes | memoryview] = [prefix]
+        self._sha = hashlib.sha256(prefix)
+        self._header: InstanceHeader | None = None
+        self._error: IntakeError | None = None
+        self._writer: StageWriter | None = None
+        try:
+            intake._check_open()
+            self._writer = intake.spool.open_stage()
+            self._writer.write(prefix)
+        except IntakeError as exc:
+            self._fail(exc)
+
+    def add(self, piece: bytes | memoryview) -> None:
+        """The next piece; keep it unchanged until :meth:`finish` (it is not copied)."""
+        self._pieces.append(piece)
+        if self._error is not None:
+            return
+        self._sha.update(piece)
+        try:
+            assert self._writer is not None
+            self._writer.write(piece)
+        except IntakeError as exc:
+            self._fail(exc)
+            return
+        if self._header is None and len(self._pieces) == 2:
+            # the attributes intake needs come early in the data set: usually the fast
+            # reader finds them all in the first piece; if not, finish() reads them all
+            self._header = read_header_fast(b"".join(self._pieces), start_only=True)
+
+    def finish(self) -> StoreOutcome:
+        """fsync, check, move into place and index. Raises an IntakeError subclass."""
+        if self._error is not None:
+            raise self._error
+        assert self._writer is not None
+        writer, self._writer = self._writer, None
+        try:
+            header = self._header or read_header(b"".join(self._pieces))
+            _check_request(header, *self._expected)
+            staged = writer.finish(self._sha.hexdigest())
+        except IntakeError:
+            writer.discard()
+            raise
+        try:
+            return self._intake._commit(header, staged, self._peer)
+        finally:
+            self._intake.spool.discard(staged)
+
+    def abandon(self) -> None:
+        if self._writer is not None:
+            self._writer.discard()
+            self._writer = None
+
+    def _fail(self, exc: IntakeError) -> None:
+        self._error = exc
+        self.abandon()

@@ -63,6 +63,51 @@ class StagedFile:
     sha256: str
 
 
+class StageWriter:
+    """A temporary file in the spool's ``.tmp/``, written in pieces, then fsync'd
+    (:meth:`finish`) or removed (:meth:`discard`). A failed write removes it too and
+    raises StorageFullError/StorageError."""
+
+    def __init__(self, path: Path, fd: int, *, fsync: bool) -> None:
+        self.path = path
+        self.size = 0
+        self._fd: int | None = fd
+        self._fsync = fsync
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._fd is None:
+            raise StorageError("writing to the spool: the file is already closed")
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+                self.size += written
+        except OSError as exc:
+            self.discard()
+            raise _storage_error(exc, "writing to the spool") from exc
+
+    def finish(self, sha256: str) -> StagedFile:
+        """fsync and close: the bytes are on disk under the temporary name."""
+        if self._fd is None:
+            raise StorageError("writing to the spool: the file is already closed")
+        try:
+            if self._fsync:
+                os.fsync(self._fd)
+        except OSError as exc:
+            self.discard()
+            raise _storage_error(exc, "writing to the spool") from exc
+        os.close(self._fd)
+        self._fd = None
+        return StagedFile(self.path, self.size, sha256)
+
+    def discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.path.unlink(missing_ok=True)
+
+
 class Spool:
     def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0,
                  staging: str | None = None) -> None:
@@ -101,28 +146,25 @@ class Spool:
         ``digest=False`` leaves ``sha256`` empty for a caller that hashes the bytes itself
         (beside the fsync, on another thread).
         """
-        if self.min_free_bytes and self.free_bytes() - len(data) < self.min_free_bytes:
+        writer = self.open_stage(len(data))
+        writer.write(data)
+        if before_fsync is not None:
+            before_fsync()
+        return writer.finish(hashlib.sha256(data).hexdigest() if digest else "")
+
+    def open_stage(self, expected_size: int = 0) -> StageWriter:
+        """A temporary file to write piece by piece (:class:`StageWriter`), for data that
+        arrives in pieces. Raises StorageFullError/StorageError."""
+        if self.min_free_bytes and self.free_bytes() - expected_size < self.min_free_bytes:
             raise StorageFullError(
                 f"spool free space below the configured minimum of {self.min_free_bytes} bytes"
             )
         temp = self._tmp / f"{self._name_prefix}-{next(self._name_counter)}.part"
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                if before_fsync is not None:
-                    before_fsync()
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
         except OSError as exc:
-            temp.unlink(missing_ok=True)
             raise _storage_error(exc, "writing to the spool") from exc
-        return StagedFile(temp, len(data), hashlib.sha256(data).hexdigest() if digest else "")
+        return StageWriter(temp, fd, fsync=self.fsync)
 
     def commit(self, staged: StagedFile, rel_path: str) -> Path:
         """Move a staged file to its final name, durably. Replaces an existing file atomically."""

@@ -70,15 +70,18 @@ def test_stores_and_releases_are_served_and_no_wakeup_socket_is_left(tmp_path: P
 
 
 def _spy_store_threads(rig: Rig) -> list[str]:
-    """Names of the threads the (real) intake stores on, in order."""
+    """Names of the threads the (real) intake stores on, in order: whole instances
+    (``store``, pynetdicom's path) or instances taken as they arrive (``receive``)."""
     threads: list[str] = []
-    store = rig.intake.store
 
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        threads.append(threading.current_thread().name)
-        return store(*args, **kwargs)
+    def spying(real: Any) -> Any:
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            threads.append(threading.current_thread().name)
+            return real(*args, **kwargs)
+        return spy
 
-    rig.intake.store = spy  # type: ignore[method-assign]
+    for name in ("store", "receive"):
+        setattr(rig.intake, name, spying(getattr(rig.intake, name)))
     return threads
 
 

@@ -109,3 +109,28 @@ def test_fast_reader_gives_up_and_pydicom_explains() -> None:
     del ds.SeriesInstanceUID
     with pytest.raises(InvalidInstanceError, match="SeriesInstanceUID"):
         read_header(_encoded(ds, ExplicitVRLittleEndian))
+
+
+def test_start_only_answers_from_the_start_of_an_instance_or_not_at_all() -> None:
+    """The C-STORE fast path reads the header from the first fragment: an answer must be
+    the one the whole instance gives, and none unless every element before the pixel data
+    was in the part seen."""
+    ds = synth.make_study(synth.SeriesSpec(slices=1, rows=64, columns=64), seed=9) \
+        .series[0].datasets[0]
+    data = _encoded(ds, ExplicitVRLittleEndian)
+    pixels = data.index(b"\xe0\x7f\x10\x00")           # (7FE0,0010) starts here
+    whole = read_header(data)
+    assert read_header_fast(data[:pixels + 12], start_only=True) == whole
+    assert read_header_fast(data, start_only=True) == whole
+    # cut anywhere before the pixel data: the rest could change the answer
+    for cut in (200, pixels // 2, pixels - 1, pixels):
+        assert read_header_fast(data[:cut], start_only=True) is None, cut
+    # a cut at an element boundary reads "fine" as a whole instance, but not as a start
+    boundary = data.index(b"\x20\x00\x13\x00")         # InstanceNumber (0020,0013)
+    assert read_header_fast(data[:boundary]) is not None
+    assert read_header_fast(data[:boundary], start_only=True) is None
+    # no pixel data at all (an SR, say): only the whole instance answers
+    del ds.PixelData
+    no_pixels = _encoded(ds, ExplicitVRLittleEndian)
+    assert read_header_fast(no_pixels, start_only=True) is None
+    assert read_header_fast(no_pixels) == read_header_pydicom(no_pixels)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -190,3 +191,72 @@ def test_concurrent_versions_of_one_instance_leave_file_and_row_in_agreement(
     assert _count(rig) == 1
     assert sum(1 for _ in rig.spool.iter_files()) == 1
     assert list((rig.spool.root / ".tmp").iterdir()) == []
+
+
+def _pieces(data: bytes, meta_end: int, size: int) -> list[bytes]:
+    return [data[i:i + size] for i in range(meta_end, len(data), size)]
+
+
+def _meta_end(data: bytes) -> int:
+    """Offset of the data set in Part 10 bytes (after the File Meta group)."""
+    length = int.from_bytes(data[140:144], "little")   # (0002,0000) UL, explicit VR
+    return 144 + length
+
+
+@pytest.mark.parametrize("size", [100, 4096, 1 << 20])
+def test_receive_in_pieces_stores_what_store_would(tmp_path: Path, size: int) -> None:
+    rig = Rig(tmp_path)
+    other = Rig(tmp_path / "whole")
+    for ds in small_series(2).datasets:
+        data = encode(ds)
+        meta_end = _meta_end(data)
+        incoming = rig.intake.receive(data[:meta_end], expected_sop_instance_uid=ds.SOPInstanceUID,
+                                      expected_sop_class_uid=ds.SOPClassUID)
+        for piece in _pieces(data, meta_end, size):
+            incoming.add(memoryview(piece))
+        outcome = incoming.finish()
+        whole = other.intake.store(data)
+        assert outcome == dataclasses.replace(whole, path=outcome.path)
+        assert (rig.spool.root / outcome.path).read_bytes() == data
+    with Session(rig.engine) as s:
+        rows = {r.sop_instance_uid: r.sha256 for r in s.scalars(select(InstanceRow))}
+    with Session(other.engine) as s:
+        assert rows == {r.sop_instance_uid: r.sha256 for r in s.scalars(select(InstanceRow))}
+    assert list((rig.spool.root / ".tmp").iterdir()) == []
+
+
+def test_receive_refuses_at_the_end_and_leaves_nothing(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    ds = small_series(1).datasets[0]
+    data = encode(ds)
+    meta_end = _meta_end(data)
+    # the request named another instance: refused once everything has arrived
+    incoming = rig.intake.receive(data[:meta_end], expected_sop_instance_uid="1.2.3")
+    for piece in _pieces(data, meta_end, 256):
+        incoming.add(piece)
+    with pytest.raises(DatasetMismatchError):
+        incoming.finish()
+    # garbage: nothing the header reader can use
+    incoming = rig.intake.receive(data[:meta_end])
+    incoming.add(b"\x00" * 300)
+    with pytest.raises(InvalidInstanceError):
+        incoming.finish()
+    # given up half way (the association ended)
+    incoming = rig.intake.receive(data[:meta_end])
+    incoming.add(data[meta_end:meta_end + 100])
+    assert len(list((rig.spool.root / ".tmp").iterdir())) == 1
+    incoming.abandon()
+    assert list((rig.spool.root / ".tmp").iterdir()) == []
+    assert _count(rig) == 0 and not list(rig.spool.iter_files())
+
+
+def test_receive_with_no_space_answers_full_after_the_last_piece(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.spool.min_free_bytes = rig.spool.free_bytes() + 1
+    data = encode(small_series(1).datasets[0])
+    incoming = rig.intake.receive(data[:_meta_end(data)])
+    for piece in _pieces(data, _meta_end(data), 512):
+        incoming.add(piece)                       # taken (and dropped) without raising
+    with pytest.raises(StorageFullError):
+        incoming.finish()
+    assert list((rig.spool.root / ".tmp").iterdir()) == [] and _count(rig) == 0
