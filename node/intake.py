@@ -10,12 +10,15 @@ which is then a harmless duplicate).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
+import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
@@ -225,6 +228,15 @@ class Intake:
         now = utcnow()
         try:
             conn = self._connection()
+            if conn.dialect.name == "sqlite":
+                try:
+                    done = _index_sqlite_common(conn.connection.dbapi_connection, header,
+                                                rel, staged, now)
+                except IntakeError:
+                    self._drop_connection()
+                    raise
+                if done is not None:
+                    return done
             with conn.begin():
                 begin_write(conn)   # listener processes index the same series at once
                 existing = conn.scalar(_SELECT_SHA, {"uid": header.sop_instance_uid})
@@ -469,3 +481,79 @@ class IncomingInstance:
     def _fail(self, exc: IntakeError) -> None:
         self._error = exc
         self.abandon()
+
+
+# The common case of _index on SQLite in the driver's own terms: an instance of a study
+# and series that are receiving already. The same statements as the SQLAlchemy path, run
+# on the DBAPI connection: SQLAlchemy's per-statement work was ~0.3 ms of each instance's
+# 0.5 ms of indexing (three statements, a transaction), on the C-STORE critical path.
+_SQL_SELECT_SHA = f"SELECT sha256 FROM {InstanceRow.__tablename__} WHERE sop_instance_uid = ?"
+_SQL_TOUCH_STUDY = (f"UPDATE {StudyRow.__tablename__} SET last_received_at = ? "
+                    f"WHERE study_instance_uid = ? AND state = ?")
+_SQL_TOUCH_SERIES = (f"UPDATE {SeriesRow.__tablename__} SET last_received_at = ? "
+                     f"WHERE series_instance_uid = ? AND state = ? RETURNING generation")
+
+
+@functools.cache
+def _sql_write_instance(columns: tuple[str, ...]) -> tuple[str, str]:
+    """INSERT and UPDATE of an instance row with _instance_values' columns, in its order
+    (the first is sop_instance_uid, the key)."""
+    table = InstanceRow.__tablename__
+    insert = (f"INSERT INTO {table} ({', '.join(columns)}) "
+              f"VALUES ({', '.join('?' for _ in columns)})")
+    update = (f"UPDATE {table} SET {', '.join(f'{c} = ?' for c in columns[1:])} "
+              f"WHERE {columns[0]} = ?")
+    return insert, update
+
+
+def _sqlite_time(value: datetime) -> str:
+    """A datetime as SQLAlchemy's SQLite DateTime type stores it (microseconds always)."""
+    return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _index_sqlite_common(dbapi: Any, header: InstanceHeader, rel: str, staged: StagedFile,
+                         now: datetime) -> StoreOutcome | None:
+    """:meth:`Intake._index` for the common case, or None (nothing changed) when the study
+    or series is new or complete: the general path then does it all."""
+    stamp = _sqlite_time(now)
+    cur = dbapi.cursor()
+    try:
+        cur.execute("BEGIN IMMEDIATE")   # as begin_write: read-then-write, one step
+        try:
+            row = cur.execute(_SQL_SELECT_SHA, (header.sop_instance_uid,)).fetchone()
+            existing = row[0] if row is not None else None
+            if existing == staged.sha256:
+                dbapi.commit()
+                return StoreOutcome(StoreResultValues.DUPLICATE, header, rel, staged.size)
+            touched = cur.execute(_SQL_TOUCH_STUDY,
+                                  (stamp, header.study_instance_uid, _RECEIVING)).rowcount
+            generation = cur.execute(_SQL_TOUCH_SERIES,
+                                     (stamp, header.series_instance_uid, _RECEIVING)
+                                     ).fetchone() if touched == 1 else None
+            if generation is None:
+                dbapi.rollback()
+                return None
+            values = _instance_values(header, rel, staged, int(generation[0]), now)
+            values["received_at"] = stamp
+            insert, update = _sql_write_instance(tuple(values))
+            ordered = list(values.values())
+            if existing is None:
+                cur.execute(insert, ordered)
+            else:
+                cur.execute(update, [*ordered[1:], ordered[0]])
+            dbapi.commit()
+        except BaseException:
+            dbapi.rollback()
+            raise
+    except sqlite3.IntegrityError as exc:
+        raise _Conflict(str(exc)) from exc
+    except sqlite3.OperationalError as exc:
+        if "full" in str(exc).lower():
+            raise StorageFullError("the index database's disk is full") from exc
+        raise StorageError(f"indexing failed: {exc}") from exc
+    except sqlite3.Error as exc:
+        raise StorageError(f"indexing failed: {exc}") from exc
+    finally:
+        cur.close()
+    result = StoreResultValues.STORED if existing is None else StoreResultValues.REPLACED
+    return StoreOutcome(result, header, rel, staged.size)

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -10,7 +12,12 @@ from sqlalchemy.orm import Session
 
 from node.db import InstanceRow, SeriesRow, StudyRow
 from node.domain import StoreResultValues
-from node.errors import DatasetMismatchError, InvalidInstanceError, StorageFullError
+from node.errors import (
+    DatasetMismatchError,
+    InvalidInstanceError,
+    StorageError,
+    StorageFullError,
+)
 from node.spool import Spool, safe_component
 from tests.unit.helpers import Rig, encode, small_series
 
@@ -125,11 +132,17 @@ def test_spool_files_are_not_world_readable(tmp_path: Path) -> None:
     assert mode & 0o007 == 0
 
 
+@pytest.mark.parametrize("path", ["general", "sqlite common case"])
 def test_failed_replacement_leaves_the_stored_version_intact(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """The index write fails (disk full at COMMIT on SQLAlchemy's path; a database that
+    refuses writes on the DBAPI path of the common case): the spool is put back."""
     import sqlite3
 
     from sqlalchemy import event
+    from sqlalchemy.exc import OperationalError
+
+    import node.intake
 
     rig = Rig(tmp_path)
     ds = small_series(1).datasets[0]
@@ -138,25 +151,85 @@ def test_failed_replacement_leaves_the_stored_version_intact(
     ds.SeriesDescription = "second version"
 
     def refuse_commit(conn: object) -> None:
-        from sqlalchemy.exc import OperationalError
         raise OperationalError("COMMIT", {}, sqlite3.OperationalError("database or disk is full"))
 
-    event.listen(rig.engine, "commit", refuse_commit)
-    with pytest.raises(StorageFullError):
+    def pragma(value: str) -> None:   # on the intake's own connection
+        conn = rig.intake._connection()
+        conn.exec_driver_sql(f"PRAGMA query_only = {value}")
+        conn.commit()
+
+    def failing() -> Any:
+        if path == "general":
+            monkeypatch.setattr(node.intake, "_index_sqlite_common", lambda *a: None)
+            event.listen(rig.engine, "commit", refuse_commit)
+            return pytest.raises(StorageFullError)
+        pragma("ON")
+        return pytest.raises(StorageError, match="readonly")
+
+    def healed() -> None:
+        if path == "general":
+            event.remove(rig.engine, "commit", refuse_commit)
+            monkeypatch.undo()
+        else:
+            pragma("OFF")
+
+    with failing():
         rig.intake.store(encode(ds))
-    event.remove(rig.engine, "commit", refuse_commit)
+    healed()
     assert (rig.spool.root / stored.path).read_bytes() == first
     with Session(rig.engine) as s:
         row = s.get(InstanceRow, ds.SOPInstanceUID)
         assert row is not None and row.size == len(first)
     assert list((rig.spool.root / ".tmp").iterdir()) == []
-    # and a refused brand-new instance leaves no file behind
-    other = small_series(2, seed=4).datasets[1]
-    event.listen(rig.engine, "commit", refuse_commit)
-    with pytest.raises(StorageFullError):
+    # and a refused brand-new instance (of the same series) leaves no file behind
+    other = small_series(2).datasets[1]
+    with failing():
         rig.intake.store(encode(other))
-    event.remove(rig.engine, "commit", refuse_commit)
+    healed()
     assert sum(1 for _ in rig.spool.iter_files()) == 1
+    rig.intake.store(encode(other))                       # and the index works again
+    assert _count(rig) == 2
+
+
+def test_the_sqlite_common_case_writes_what_the_general_path_writes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import node.intake
+
+    def rows(rig: Rig) -> list[dict[str, object]]:
+        with Session(rig.engine) as s:
+            return [{c.key: getattr(r, c.key) for c in InstanceRow.__table__.columns
+                     if c.key not in ("received_at", "path")}
+                    for r in s.scalars(select(InstanceRow).order_by(
+                        InstanceRow.sop_instance_uid))]
+
+    series = small_series(4)
+    fast, general = Rig(tmp_path / "fast"), Rig(tmp_path / "general")
+    calls: list[object] = []
+    common = node.intake._index_sqlite_common
+
+    def counted(*args: Any) -> Any:
+        outcome = common(*args)
+        calls.append(outcome)
+        return outcome
+
+    monkeypatch.setattr(node.intake, "_index_sqlite_common", counted)
+    for ds in series.datasets:
+        fast.intake.store(encode(ds))
+    ds = series.datasets[0]
+    ds.SeriesDescription = "corrected"                  # a replacement, on both paths
+    fast.intake.store(encode(ds))
+    assert [c is None for c in calls] == [True, False, False, False, False]  # 1st: new series
+    monkeypatch.setattr(node.intake, "_index_sqlite_common", lambda *a: None)
+    ds.SeriesDescription = None
+    for ds in small_series(4).datasets:
+        general.intake.store(encode(ds))
+    ds = small_series(4).datasets[0]
+    ds.SeriesDescription = "corrected"
+    general.intake.store(encode(ds))
+    assert rows(fast) == rows(general)
+    with Session(fast.engine) as s:
+        stamps = [r.received_at for r in s.scalars(select(InstanceRow))]
+    assert all(isinstance(t, datetime) for t in stamps)  # read back as SQLAlchemy writes
 
 
 def test_concurrent_versions_of_one_instance_leave_file_and_row_in_agreement(
