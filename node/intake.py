@@ -92,6 +92,7 @@ class Intake:
     def close(self) -> None:
         self._closed = True
         self._writers.shutdown(wait=True)
+        self.spool.close()
         with self._lock:
             if self._conn is not None:
                 self._conn.close()

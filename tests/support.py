@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from node.spool import SPARE_SUFFIX
+
 ROOT = Path(__file__).resolve().parent.parent
 TCP_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -131,6 +133,12 @@ class NodeProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait(10)
+
+
+def half_written(tmp_dir: Path) -> list[Path]:
+    """Files in a spool's ``.tmp/`` other than the empty spare it keeps ready."""
+    return [p for p in tmp_dir.iterdir()
+            if not (p.name.endswith(SPARE_SUFFIX) and p.stat().st_size == 0)]
 
 
 def storescu(port: int, files: Sequence[Path | str], *, aec: str = "PACSNODE",

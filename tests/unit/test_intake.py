@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from node.errors import (
     StorageFullError,
 )
 from node.spool import Spool, safe_component
+from tests.support import half_written
 from tests.unit.helpers import Rig, encode, small_series
 
 
@@ -41,7 +43,7 @@ def test_store_writes_exact_bytes_and_indexes(tmp_path: Path) -> None:
         assert row is not None and row.modality == "CT" and row.images_in_acquisition == 3
         study = s.get(StudyRow, series.datasets[0].StudyInstanceUID)
         assert study is not None and study.patient_id == series.datasets[0].PatientID
-    assert list((rig.spool.root / ".tmp").iterdir()) == []
+    assert half_written(rig.spool.root / ".tmp") == []
 
 
 def test_duplicate_same_bytes_is_success_without_second_copy(tmp_path: Path) -> None:
@@ -92,7 +94,7 @@ def test_min_free_space_refuses_before_writing(tmp_path: Path) -> None:
     spool.prepare()
     with pytest.raises(StorageFullError):
         spool.stage(b"x" * 10)
-    assert list((tmp_path / ".tmp").iterdir()) == []
+    assert half_written(tmp_path / ".tmp") == []
 
 
 def test_prepare_removes_half_written_files(tmp_path: Path) -> None:
@@ -100,7 +102,7 @@ def test_prepare_removes_half_written_files(tmp_path: Path) -> None:
     (tmp_path / ".tmp").mkdir()
     (tmp_path / ".tmp" / "abc.part").write_bytes(b"half")
     assert spool.prepare() == 1
-    assert list((tmp_path / ".tmp").iterdir()) == []
+    assert half_written(tmp_path / ".tmp") == []
 
 
 def test_reconcile_indexes_a_file_whose_row_was_lost(tmp_path: Path) -> None:
@@ -180,7 +182,7 @@ def test_failed_replacement_leaves_the_stored_version_intact(
     with Session(rig.engine) as s:
         row = s.get(InstanceRow, ds.SOPInstanceUID)
         assert row is not None and row.size == len(first)
-    assert list((rig.spool.root / ".tmp").iterdir()) == []
+    assert half_written(rig.spool.root / ".tmp") == []
     # and a refused brand-new instance (of the same series) leaves no file behind
     other = small_series(2).datasets[1]
     with failing():
@@ -263,7 +265,7 @@ def test_concurrent_versions_of_one_instance_leave_file_and_row_in_agreement(
         assert on_disk in versions
     assert _count(rig) == 1
     assert sum(1 for _ in rig.spool.iter_files()) == 1
-    assert list((rig.spool.root / ".tmp").iterdir()) == []
+    assert half_written(rig.spool.root / ".tmp") == []
 
 
 def _pieces(data: bytes, meta_end: int, size: int) -> list[bytes]:
@@ -295,7 +297,7 @@ def test_receive_in_pieces_stores_what_store_would(tmp_path: Path, size: int) ->
         rows = {r.sop_instance_uid: r.sha256 for r in s.scalars(select(InstanceRow))}
     with Session(other.engine) as s:
         assert rows == {r.sop_instance_uid: r.sha256 for r in s.scalars(select(InstanceRow))}
-    assert list((rig.spool.root / ".tmp").iterdir()) == []
+    assert half_written(rig.spool.root / ".tmp") == []
 
 
 def test_receive_refuses_at_the_end_and_leaves_nothing(tmp_path: Path) -> None:
@@ -317,19 +319,40 @@ def test_receive_refuses_at_the_end_and_leaves_nothing(tmp_path: Path) -> None:
     # given up half way (the association ended)
     incoming = rig.intake.receive(data[:meta_end])
     incoming.add(data[meta_end:meta_end + 100])
-    assert len(list((rig.spool.root / ".tmp").iterdir())) == 1
+    assert len(half_written(rig.spool.root / ".tmp")) == 1
     incoming.abandon()
-    assert list((rig.spool.root / ".tmp").iterdir()) == []
+    assert half_written(rig.spool.root / ".tmp") == []
     assert _count(rig) == 0 and not list(rig.spool.iter_files())
 
 
 def test_receive_with_no_space_answers_full_after_the_last_piece(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
-    rig.spool.min_free_bytes = rig.spool.free_bytes() + 1
+    rig.spool.min_free_bytes = 1 << 62                 # more than any disk has
     data = encode(small_series(1).datasets[0])
     incoming = rig.intake.receive(data[:_meta_end(data)])
     for piece in _pieces(data, _meta_end(data), 512):
         incoming.add(piece)                       # taken (and dropped) without raising
     with pytest.raises(StorageFullError):
         incoming.finish()
-    assert list((rig.spool.root / ".tmp").iterdir()) == [] and _count(rig) == 0
+    assert half_written(rig.spool.root / ".tmp") == [] and _count(rig) == 0
+
+
+def test_the_spool_keeps_one_empty_temporary_file_ready(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=True)
+    spool.prepare()
+    first = spool.open_stage()                    # none ready yet: created on the spot
+    assert first.path.suffix == ".part"
+    tmp = tmp_path / ".tmp"
+    deadline = time.monotonic() + 5
+    while not spool._spares and time.monotonic() < deadline:   # kept, not just created
+        time.sleep(0.01)
+    (spare,) = tmp.glob("*.spare")
+    assert spare.stat().st_size == 0
+    second = spool.open_stage()                   # takes the one kept ready
+    assert second.path == spare
+    second.write(b"abc")
+    assert second.finish("").size == 3 and spare.read_bytes() == b"abc"
+    first.discard()
+    spool.close()                                 # stop: spares removed, nothing else
+    assert sorted(p.name for p in tmp.iterdir()) == [spare.name]
+    assert Spool(tmp_path).prepare() == 1 and list(tmp.iterdir()) == []  # start: all gone
