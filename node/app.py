@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import FrameType
 
 from sqlalchemy import Engine
@@ -78,6 +78,21 @@ def stow_token(settings: Settings) -> str | None:
         return path.read_text().strip() or None
     except OSError as exc:
         raise ConfigError(f"http.stow_token_file {path}: cannot read ({exc.strerror})") from exc
+
+
+def worker_environment(base: Mapping[str, str], parent_pid: int) -> dict[str, str]:
+    """The environment of a worker process.
+
+    NUMPY_MADVISE_HUGEPAGE=0 unless the admin set it: numpy asks for transparent huge
+    pages for every large array, and where THP defrag is "madvise" (Debian's default) the
+    first ~300 MB volume a worker allocates after memory was used otherwise waits for the
+    kernel to compact memory: the volume stage of a 300 × 512² CT measured 0.8-1.8 s
+    with, a steady 0.54-0.64 s without (bench/RESULTS.md, issue 9).
+    """
+    env = dict(base)
+    env.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
+    env["PACSNODE_PARENT_PID"] = str(parent_pid)
+    return env
 
 
 def wake_workers(spool: Path) -> None:
@@ -399,7 +414,7 @@ class WorkerSupervisor:
         proc = subprocess.Popen(
             [sys.executable, "-m", "node.cli", "serve", "--role", "worker", *queue,
              "-c", str(self.settings.source_file)],
-            env={**os.environ, "PACSNODE_PARENT_PID": str(os.getpid())})
+            env=worker_environment(os.environ, os.getpid()))
         self.procs[device] = proc
         self._started[device] = time.monotonic()
         log.info("worker process %d started for device queue %s", proc.pid, device)

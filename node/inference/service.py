@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -116,7 +116,8 @@ def write_dicom(path: Path, ds: Dataset) -> Path:
 def encode_results(job: Job, prediction: Prediction, volume: Volume,
                    files: Sequence[Path | Dataset],
                    info: ModelInfo, out_dir: Path, *,
-                   predecessor: Dataset | None = None) -> list[Path]:
+                   predecessor: Dataset | None = None,
+                   voxel_counts: Mapping[int, int] | None = None) -> list[Path]:
     """SEG (when the model segments and found something) and TID 1500 SR (measurements
     and/or class probabilities), with UIDs derived from the job key
     and the model version, so a re-encode after a crash produces the same objects. A
@@ -131,11 +132,14 @@ def encode_results(job: Job, prediction: Prediction, volume: Volume,
     if info.labels:
         if prediction.labels is None:
             raise ModelError(f"model {info.name}: declares labels but returned no label map")
+        if voxel_counts is None:            # counted once, for SEG and SR
+            voxel_counts = label_counts(prediction.labels)
         seg = build_seg(source, prediction.labels, info.labels,
-                        probabilities=prediction.probabilities, **common)
+                        probabilities=prediction.probabilities, voxel_counts=voxel_counts,
+                        **common)
     sr = build_sr(seg, source, prediction.labels, volume.array, volume.spacing, info.labels,
                   classes=info.classes, class_probabilities=prediction.class_probabilities,
-                  predecessor=predecessor, **common)
+                  predecessor=predecessor, voxel_counts=voxel_counts, **common)
     written = []
     if seg is not None:
         written.append(write_dicom(out_dir / "seg.dcm", seg))
@@ -223,7 +227,8 @@ def infer_series(pool: ModelPool, job: Job, files: Sequence[Path], out_dir: Path
     by_uid = {str(ds.SOPInstanceUID): ds for ds in headers}
     ordered = [by_uid[uid] for uid in dict.fromkeys(volume.sop_instance_uids)]
     encode_results(job, prediction, volume, ordered, pool.runner(model).info, out_dir,
-                   predecessor=pydicom.dcmread(predecessor) if predecessor else None)
+                   predecessor=pydicom.dcmread(predecessor) if predecessor else None,
+                   voxel_counts=saved.voxels if prediction.labels is not None else None)
     seconds["encode"] = time.perf_counter() - clock
     return replace(saved, seconds=seconds)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -269,13 +269,15 @@ def build_sr(seg: hd.seg.Segmentation | None, source: Sequence[Dataset],
              series_number: int = 902, series_description: str = "pacsnode AI report",
              disclaimer: str = "AI result, not a diagnosis", manufacturer: str = "pacsnode",
              predecessor: Dataset | None = None, sop_instance_uids: Sequence[str] | None = None,
-             content_datetime: datetime | None = None) -> hd.sr.Comprehensive3DSR:
+             content_datetime: datetime | None = None,
+             voxel_counts: Mapping[int, int] | None = None) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 report of ``labels`` measured on ``volume_array`` (rescaled values).
 
     ``labels``, ``volume_array`` and ``source`` share the slice order (see
     :func:`node.results.seg.order_source`); ``spacing`` is ``Volume.spacing`` (slice, row,
     column, mm). ``seg`` is what :func:`~node.results.seg.build_seg` returned for the same
-    arguments (None for an empty prediction).
+    arguments (None for an empty prediction). ``voxel_counts``: see
+    :func:`~node.results.seg.present_specs`.
     """
     segmenting = bool(label_specs)
     if not segmenting and not classes:
@@ -301,7 +303,7 @@ def build_sr(seg: hd.seg.Segmentation | None, source: Sequence[Dataset],
     if segmenting:
         assert labels is not None and volume_array is not None and spacing is not None
         voxel_mm3 = _check_inputs(labels, volume_array, spacing)
-        specs, voxels = present_specs(labels, label_specs)
+        specs, voxels = present_specs(labels, label_specs, voxel_counts)
         _check_seg(seg, source_series, any(voxels.values()))
         groups += _groups(seg, specs, voxels, labels, volume_array, voxel_mm3, source_series,
                           modality=str(datasets[0].get("Modality", "")), model=model,

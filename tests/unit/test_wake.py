@@ -41,3 +41,17 @@ def test_only_live_pacsnode_workers_are_nudged(tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_worker_environment_turns_numpy_hugepage_advice_off_unless_set() -> None:
+    from node.app import worker_environment
+
+    env = worker_environment({"PATH": "/usr/bin"}, 42)
+    assert env == {"PATH": "/usr/bin", "NUMPY_MADVISE_HUGEPAGE": "0",
+                   "PACSNODE_PARENT_PID": "42"}
+    assert worker_environment({"NUMPY_MADVISE_HUGEPAGE": "1"}, 1)["NUMPY_MADVISE_HUGEPAGE"] == "1"
+    # and numpy reads it: a process started with it has the advice off
+    out = subprocess.run([sys.executable, "-c",
+                          "import numpy._core.multiarray as m; print(m._get_madvise_hugepage())"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -10,11 +10,14 @@ import subprocess
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
 import pytest
 
+import node.inference.service
+import node.results.seg
 from node import synth
 from node.inference.runner import ModelInfo, Prediction, read_info
 from node.inference.service import infer_series
@@ -67,14 +70,22 @@ def _dciodvfy_errors(path: Path) -> list[str]:
     return [line for line in (done.stdout + done.stderr).splitlines() if "error" in line.lower()]
 
 
-def test_job_results_line_up_with_the_source(tmp_path: Path) -> None:
+def test_job_results_line_up_with_the_source(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     study = synth.make_study(SPEC, seed=17)
     series = study.series[0]
     files = synth.write_study(study, tmp_path / "in")
     info = read_info(ModelSettings(name="lesion-ct", path=ROOT / "models" / "lesion_ct"))
     pool = _TruthPool(info, series)
     out = tmp_path / "out"
+    passes: list[tuple[int, ...]] = []           # full passes over the label map: one
+    for module in (node.inference.service, node.results.seg):
+        def counting(labels: np.ndarray, _real: Any = module.label_counts) -> Any:
+            passes.append(labels.shape)
+            return _real(labels)
+        monkeypatch.setattr(module, "label_counts", counting)
     saved = infer_series(pool, _job(series), list(reversed(files)), out)   # any file order
+    assert len(passes) == 1, passes
 
     volume = load_volume(files)
     truth = pool.truth(volume)
