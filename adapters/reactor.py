@@ -287,9 +287,20 @@ class WaitingDIMSE(DIMSEServiceProvider):
 
     def respond_store(self, context_id: int, message_id: int, sop_class_uid: str,
                       sop_instance_uid: str, status: int) -> None:
-        """The C-STORE-RSP for a request read by adapters/pdata.py."""
-        self._send_command(context_id, c_store_response_command(
-            message_id, sop_class_uid, sop_instance_uid, status))
+        """The C-STORE-RSP for a request read by adapters/pdata.py: encoded by hand, or,
+        where that may not go (a peer whose PDUs are too small for it, a bound
+        EVT_DIMSE_SENT handler), as pynetdicom sends one."""
+        command = c_store_response_command(message_id, sop_class_uid, sop_instance_uid,
+                                           status)
+        if self._may_send_command(command):
+            self._send_command(context_id, command)
+            return
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo = message_id
+        rsp.AffectedSOPClassUID = sop_class_uid
+        rsp.AffectedSOPInstanceUID = sop_instance_uid
+        rsp.Status = status
+        DIMSEServiceProvider.send_msg(self, rsp, context_id)
 
     def pdata_reader(self) -> PDataReader | None:
         """A reader of this association's P-DATA (adapters/pdata.py), or None where

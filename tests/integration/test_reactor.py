@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.service_class import VerificationServiceClass
@@ -165,3 +165,29 @@ def test_a_store_behind_a_request_in_hand_waits_its_turn(
     assert [a.MessageIDBeingRespondedTo for a in answers] == [1, 2]
     assert answers[1].Status == 0
     assert len(threads) == 1 and threads[0] not in dul_names
+
+
+def test_with_a_dimse_sent_handler_bound_the_response_goes_through_pynetdicom(
+        tmp_path: Path) -> None:
+    """Whoever binds EVT_DIMSE_SENT sees every response, those of C-STOREs read by the
+    fast path too (they are then encoded by pynetdicom rather than by hand)."""
+    rig = Rig(tmp_path)
+    receiver = DimseReceiver(NodeSettings(host="127.0.0.1", port=free_port()), rig.intake)
+    receiver.start()
+    seen: list[tuple[str, int]] = []
+    receiver._server.bind(evt.EVT_DIMSE_SENT, lambda event: seen.append(
+        (type(event.message).__name__, int(event.message.command_set.Status))))
+    threads = _spy_store_threads(rig)
+    try:
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", receiver.port, ae_title="PACSNODE")
+        assert assoc.is_established
+        dul_names = {t.name for t in threading.enumerate() if isinstance(t, WakingDUL)}
+        statuses = [assoc.send_c_store(ds).Status for ds in small_series(2).datasets]
+        assoc.release()
+    finally:
+        receiver.stop()
+    assert statuses == [0, 0]
+    assert set(threads) <= dul_names                   # still read by the fast path
+    assert seen == [("C_STORE_RSP", 0), ("C_STORE_RSP", 0)]
