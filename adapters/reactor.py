@@ -14,15 +14,17 @@ Here:
   :meth:`WakingDUL.send_pdu` and :meth:`WakingDUL.kill_dul` write to, and the association
   thread blocks on its message queue; both waits are capped at :data:`MAX_WAIT` so that
   the loops still run their other checks (timers, release and abort, the kill flag);
-- a C-STORE request is served on the DUL thread that completed it when the association
-  thread has nothing queued or in hand (:class:`WaitingDIMSE`), and its response, when it
-  is a plain success, goes out pre-encoded, straight to the socket when nothing else is
-  waiting to be sent;
+- the P-DATA-TF PDUs of an established association go to adapters/pdata.py's reader on
+  the DUL thread, which serves a C-STORE request right there when the association
+  thread has nothing queued or in hand (:class:`WaitingDIMSE`), and its response, when
+  it is a plain success, goes out pre-encoded, straight to the socket when nothing else
+  is waiting to be sent; every other message is pynetdicom's;
 - PDUs are read with as few ``recv`` calls as the kernel allows (:class:`BulkReadSocket`).
 
 Only acceptor associations made by our listener use these classes
-(:class:`WakingRequestHandler`); pynetdicom's state machine, PDU decoding, DIMSE message
-assembly and service classes are its own. Measured in bench/RESULTS.md (issue 2).
+(:class:`WakingRequestHandler`); pynetdicom's state machine, association negotiation,
+the decoding of PDUs other than P-DATA-TF, DIMSE messages other than those C-STOREs, and
+its service classes are its own. Measured in bench/RESULTS.md (issue 2).
 """
 
 from __future__ import annotations
@@ -174,6 +176,12 @@ class WakingDUL(DULServiceProvider):
                 self._wake_recv.close()
 
 
+def _only_standard(assoc: Association, event: Any, *allowed: Any) -> bool:
+    """Whether nothing but ``allowed`` (pynetdicom's own debug loggers) is bound to a
+    notification ``event``: then nobody misses it when we do its work by hand."""
+    return all(isinstance(h, tuple) and h[0] in allowed for h in assoc.get_handlers(event))
+
+
 def _implicit(element: int, value: bytes) -> bytes:
     """One group-0000 element in Implicit VR Little Endian (PS3.7 6.3.1)."""
     return struct.pack("<HHI", 0x0000, element, len(value)) + value
@@ -214,18 +222,16 @@ def c_store_success_command(primitive: C_STORE) -> bytes | None:
                                     str(primitive.AffectedSOPInstanceUID), 0x0000)
 
 
-class _ServeOnArrival(queue.Queue):  # type: ignore[type-arg]
+class _CountingQueue(queue.Queue):  # type: ignore[type-arg]
     """The DIMSE provider's message queue, which pynetdicom's DUL thread fills as messages
-    complete: a C-STORE request it may serve on the spot never enters the queue."""
+    complete: it counts what it hands to the association thread (see
+    :meth:`WaitingDIMSE.may_serve_now`)."""
 
     def __init__(self, dimse: WaitingDIMSE) -> None:
         super().__init__()
         self._dimse = dimse
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        context_id, primitive = item
-        if self._dimse.serve_here(context_id, primitive):
-            return
         self._dimse.handed_over()
         super().put(item, block, timeout)
 
@@ -233,15 +239,14 @@ class _ServeOnArrival(queue.Queue):  # type: ignore[type-arg]
 class WaitingDIMSE(DIMSEServiceProvider):
     """DIMSE for our acceptor associations.
 
-    - C-STORE requests are served on the DUL thread that decoded them, when the
-      association thread has nothing queued or in hand (a sender that waits for each
-      response, which is every sender without asynchronous operations). pynetdicom would
-      queue the request for the association thread and queue the response back to the DUL
-      thread: two thread hand-overs of ~0.2-0.3 ms each on every instance's critical path.
-      The request still goes through pynetdicom's own service code
-      (``Association._serve_request``: context check, handler, status validation), only
-      on the other thread; anything else, or a C-STORE while the association thread is
-      busy, takes pynetdicom's usual way, so responses keep their order.
+    - C-STORE requests read by adapters/pdata.py on the DUL thread are served there when
+      the association thread has nothing queued or in hand (:meth:`may_serve_now`: a
+      sender that waits for each response, which is every sender without asynchronous
+      operations). pynetdicom would queue the request for the association thread and
+      queue the response back to the DUL thread: two thread hand-overs of ~0.2-0.3 ms
+      each on every instance's critical path. Anything else, or a C-STORE while the
+      association thread is busy, takes pynetdicom's usual way, so responses keep their
+      order.
     - The association thread's non-blocking look at the message queue waits briefly.
     - A successful C-STORE-RSP goes out pre-encoded (tests/unit/test_reactor_encoding.py
       checks it is byte for byte what pynetdicom sends).
@@ -249,7 +254,7 @@ class WaitingDIMSE(DIMSEServiceProvider):
 
     def __init__(self, assoc: Association) -> None:
         super().__init__(assoc)
-        self.msg_queue = _ServeOnArrival(self)
+        self.msg_queue = _CountingQueue(self)
         self._count_lock = threading.Lock()
         self._handed_over = 0      # queued for the association thread and not yet served
         self._in_hand = False      # (association thread) it took a message and serves it
@@ -257,23 +262,6 @@ class WaitingDIMSE(DIMSEServiceProvider):
     def handed_over(self) -> None:
         with self._count_lock:
             self._handed_over += 1
-
-    def serve_here(self, context_id: int | None, primitive: Any) -> bool:
-        """Serve a completed C-STORE request now, on this (the DUL) thread, if that is
-        safe; False leaves it to the association thread."""
-        assoc = self.assoc
-        if (not isinstance(primitive, C_STORE) or not primitive.is_valid_request
-                or getattr(primitive, "_dataset_file", None) is not None
-                or context_id not in assoc._accepted_cx or not self.may_serve_now()):
-            return False
-        # Nothing is queued or being served, and only this thread queues messages: the
-        # association thread cannot start on anything before this request is answered.
-        assoc.abort = assoc._abort_nonblocking  # type: ignore[method-assign]
-        try:                                    # (a blocking abort would wait for us)
-            assoc._serve_request(primitive, context_id)
-        finally:
-            assoc.abort = assoc._abort_blocking  # type: ignore[method-assign]
-        return True
 
     def may_serve_now(self) -> bool:
         """On the DUL thread: may a request be served here, now? Only while the
@@ -311,12 +299,10 @@ class WaitingDIMSE(DIMSEServiceProvider):
         store = getattr(handler[0], "__self__", None) if isinstance(handler, tuple) else None
         if not isinstance(store, DirectStore):
             return None
-        standard = {evt.EVT_DATA_RECV: (), evt.EVT_PDU_RECV: (standard_pdu_recv_handler,),
-                    evt.EVT_DIMSE_RECV: (standard_dimse_recv_handler,)}
-        for event, allowed in standard.items():
-            if any(not isinstance(h, tuple) or h[0] not in allowed
-                   for h in assoc.get_handlers(event)):
-                return None
+        if not (_only_standard(assoc, evt.EVT_DATA_RECV)
+                and _only_standard(assoc, evt.EVT_PDU_RECV, standard_pdu_recv_handler)
+                and _only_standard(assoc, evt.EVT_DIMSE_RECV, standard_dimse_recv_handler)):
+            return None
         return PDataReader(assoc, store,
                            to_pynetdicom=lambda cx, value: self.receive_primitive(
                                p_data(cx, value)),
@@ -336,9 +322,8 @@ class WaitingDIMSE(DIMSEServiceProvider):
         """A hand-encoded command fits one PDU and nobody waits for EVT_DIMSE_SENT (the
         standard handler logs nothing for a C-STORE-RSP)."""
         limit = self.maximum_pdu_size
-        return not (limit and len(command) + 6 > limit) and all(
-            isinstance(h, tuple) and h[0] is standard_dimse_sent_handler
-            for h in self.assoc.get_handlers(evt.EVT_DIMSE_SENT))
+        return not (limit and len(command) + 6 > limit) and _only_standard(
+            self.assoc, evt.EVT_DIMSE_SENT, standard_dimse_sent_handler)
 
     def _send_command(self, context_id: int, command: bytes) -> None:
         value = b"\x03" + command                  # a command, its last fragment
@@ -357,8 +342,7 @@ class WaitingDIMSE(DIMSEServiceProvider):
         return (threading.current_thread() is dul and dul.socket is not None
                 and dul.state_machine.current_state == "Sta6"
                 and dul.to_provider_queue.empty()
-                and all(isinstance(h, tuple) and h[0] is standard_pdu_sent_handler
-                        for h in self.assoc.get_handlers(evt.EVT_PDU_SENT)))
+                and _only_standard(self.assoc, evt.EVT_PDU_SENT, standard_pdu_sent_handler))
 
     def get_msg(self, block: bool = False) -> Any:
         if block or threading.current_thread() is not self.assoc:
