@@ -262,12 +262,15 @@ class DimseReceiver:
     def _on_store(self, event: Any) -> int:
         """EVT_C_STORE: a request pynetdicom decoded (most come by :meth:`open_direct`)."""
         request = event.request
+        sop_class, sop_uid = str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
         originator = getattr(request, "MoveOriginatorApplicationEntityTitle", None)
-        return self._store(event.assoc, str(request.AffectedSOPClassUID),
-                           str(request.AffectedSOPInstanceUID),
-                           str(event.context.transfer_syntax),
-                           str(originator or "").strip() or None,
-                           (event.encoded_dataset(include_meta=False),))
+        peer = self._peer(event.assoc, str(originator or "").strip() or None)
+        data = file_header(sop_class, sop_uid, str(event.context.transfer_syntax),
+                           source_ae_title=peer.calling_ae_title) \
+            + event.encoded_dataset(include_meta=False)
+        return self._answer(event.assoc, sop_uid, peer, lambda: self.intake.store(
+            data, peer=peer, expected_sop_instance_uid=sop_uid,
+            expected_sop_class_uid=sop_class))
 
     def open_direct(self, assoc: Any, request: StoreRequest) -> DirectInstance:
         """A request adapters/pdata.py reads from the PDUs itself, on the DUL thread: its
@@ -282,15 +285,6 @@ class DimseReceiver:
         )
         return _Incoming(incoming, lambda: self._answer(assoc, request.sop_instance_uid,
                                                         peer, incoming.finish))
-
-    def _store(self, assoc: Any, sop_class: str, sop_uid: str, transfer_syntax: str,
-               move_originator: str | None, dataset: Sequence[bytes | memoryview]) -> int:
-        peer = self._peer(assoc, move_originator)
-        data = b"".join((file_header(sop_class, sop_uid, transfer_syntax,
-                                     source_ae_title=peer.calling_ae_title), *dataset))
-        return self._answer(assoc, sop_uid, peer, lambda: self.intake.store(
-            data, peer=peer, expected_sop_instance_uid=sop_uid,
-            expected_sop_class_uid=sop_class))
 
     def _peer(self, assoc: Any, move_originator: str | None) -> AssociationInfo:
         peer = AssociationInfo(
