@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -256,16 +257,13 @@ class Intake:
                     conn.execute(_UPDATE_INSTANCE, values)
         except OperationalError as exc:
             self._drop_connection()
-            if "full" in str(exc.orig).lower():
-                raise StorageFullError("the index database's disk is full") from exc
-            raise StorageError(f"indexing failed: {exc.orig}") from exc
+            raise _operational_failure(exc.orig) from exc
         except IntegrityError as exc:
             raise _Conflict(str(exc.orig)) from exc
         except SQLAlchemyError as exc:
             self._drop_connection()
             raise StorageError(f"indexing failed: {exc}") from exc
-        result = StoreResultValues.STORED if existing is None else StoreResultValues.REPLACED
-        return StoreOutcome(result, header, rel, staged.size)
+        return _written(existing, header, rel, staged)
 
     def _undo(self, rel: str, *, previous: Path | None) -> None:
         """The file could not be indexed (or moved): put the spool back as it was."""
@@ -484,27 +482,36 @@ class IncomingInstance:
         self.abandon()
 
 
+def _operational_failure(error: object) -> IntakeError:
+    """The database refused a write (the driver's OperationalError)."""
+    if "full" in str(error).lower():
+        return StorageFullError("the index database's disk is full")
+    return StorageError(f"indexing failed: {error}")
+
+
+def _written(existing: str | None, header: InstanceHeader, rel: str,
+             staged: StagedFile) -> StoreOutcome:
+    """The outcome of an index write that inserted (no row before) or replaced a row."""
+    result = StoreResultValues.STORED if existing is None else StoreResultValues.REPLACED
+    return StoreOutcome(result, header, rel, staged.size)
+
+
 # The common case of _index on SQLite in the driver's own terms: an instance of a study
-# and series that are receiving already. The same statements as the SQLAlchemy path, run
-# on the DBAPI connection: SQLAlchemy's per-statement work was ~0.3 ms of each instance's
-# 0.5 ms of indexing (three statements, a transaction), on the C-STORE critical path.
-_SQL_SELECT_SHA = f"SELECT sha256 FROM {InstanceRow.__tablename__} WHERE sop_instance_uid = ?"
-_SQL_TOUCH_STUDY = (f"UPDATE {StudyRow.__tablename__} SET last_received_at = ? "
-                    f"WHERE study_instance_uid = ? AND state = ?")
-_SQL_TOUCH_SERIES = (f"UPDATE {SeriesRow.__tablename__} SET last_received_at = ? "
-                     f"WHERE series_instance_uid = ? AND state = ? RETURNING generation")
+# and series that are receiving already. The SQLAlchemy path's own statements, compiled
+# once for SQLite and run on the DBAPI connection: SQLAlchemy's per-statement work was
+# ~0.3 ms of each instance's 0.5 ms of indexing (three statements, a transaction), on the
+# C-STORE critical path.
+_SQLITE = sqlite_dialect(paramstyle="named")
 
 
 @functools.cache
-def _sql_write_instance(columns: tuple[str, ...]) -> tuple[str, str]:
-    """INSERT and UPDATE of an instance row with _instance_values' columns, in its order
-    (the first is sop_instance_uid, the key)."""
-    table = InstanceRow.__tablename__
-    insert = (f"INSERT INTO {table} ({', '.join(columns)}) "
-              f"VALUES ({', '.join('?' for _ in columns)})")
-    update = (f"UPDATE {table} SET {', '.join(f'{c} = ?' for c in columns[1:])} "
-              f"WHERE {columns[0]} = ?")
-    return insert, update
+def _sqlite_sql(statement: Any, columns: tuple[str, ...] = ()) -> tuple[str, dict[str, Any]]:
+    """One of the statements above as SQLite text with named parameters (columns: those
+    an INSERT or UPDATE sets), and the values of its constant parameters."""
+    compiled = statement.compile(dialect=_SQLITE, column_keys=list(columns) or None)
+    constants = {name: bind.value for name, bind in compiled.binds.items()
+                 if not bind.required}
+    return str(compiled), constants
 
 
 def _sqlite_time(value: datetime) -> str:
@@ -521,27 +528,25 @@ def _index_sqlite_common(dbapi: Any, header: InstanceHeader, rel: str, staged: S
     try:
         cur.execute("BEGIN IMMEDIATE")   # as begin_write: read-then-write, one step
         try:
-            row = cur.execute(_SQL_SELECT_SHA, (header.sop_instance_uid,)).fetchone()
+            row = cur.execute(*_bound(_SELECT_SHA, uid=header.sop_instance_uid)).fetchone()
             existing = row[0] if row is not None else None
             if existing == staged.sha256:
                 dbapi.commit()
                 return StoreOutcome(StoreResultValues.DUPLICATE, header, rel, staged.size)
-            touched = cur.execute(_SQL_TOUCH_STUDY,
-                                  (stamp, header.study_instance_uid, _RECEIVING)).rowcount
-            generation = cur.execute(_SQL_TOUCH_SERIES,
-                                     (stamp, header.series_instance_uid, _RECEIVING)
-                                     ).fetchone() if touched == 1 else None
+            touched = cur.execute(*_bound(_TOUCH_STUDY, uid=header.study_instance_uid,
+                                          now=stamp)).rowcount
+            generation = cur.execute(*_bound(_TOUCH_SERIES, uid=header.series_instance_uid,
+                                             now=stamp)).fetchone() if touched == 1 else None
             if generation is None:
                 dbapi.rollback()
                 return None
             values = _instance_values(header, rel, staged, int(generation[0]), now)
             values["received_at"] = stamp
-            insert, update = _sql_write_instance(tuple(values))
-            ordered = list(values.values())
             if existing is None:
-                cur.execute(insert, ordered)
+                cur.execute(*_bound(_INSERT_INSTANCE, tuple(values), **values))
             else:
-                cur.execute(update, [*ordered[1:], ordered[0]])
+                values["where_uid"] = values.pop("sop_instance_uid")
+                cur.execute(*_bound(_UPDATE_INSTANCE, tuple(values)[:-1], **values))
             dbapi.commit()
         except BaseException:
             dbapi.rollback()
@@ -549,12 +554,16 @@ def _index_sqlite_common(dbapi: Any, header: InstanceHeader, rel: str, staged: S
     except sqlite3.IntegrityError as exc:
         raise _Conflict(str(exc)) from exc
     except sqlite3.OperationalError as exc:
-        if "full" in str(exc).lower():
-            raise StorageFullError("the index database's disk is full") from exc
-        raise StorageError(f"indexing failed: {exc}") from exc
+        raise _operational_failure(exc) from exc
     except sqlite3.Error as exc:
         raise StorageError(f"indexing failed: {exc}") from exc
     finally:
         cur.close()
-    result = StoreResultValues.STORED if existing is None else StoreResultValues.REPLACED
-    return StoreOutcome(result, header, rel, staged.size)
+    return _written(existing, header, rel, staged)
+
+
+def _bound(statement: Any, columns: tuple[str, ...] = (),
+           **values: Any) -> tuple[str, dict[str, Any]]:
+    """(SQL, parameters) of a statement for ``cursor.execute`` (see :func:`_sqlite_sql`)."""
+    sql, constants = _sqlite_sql(statement, columns)
+    return sql, {**constants, **values}
