@@ -149,11 +149,7 @@ class Intake:
             except IntakeError:
                 pass
             raise
-        staged = dataclasses.replace(writing.result(), sha256=digest)
-        try:
-            return self._commit(header, staged, peer)
-        finally:
-            self.spool.discard(staged)
+        return self._commit(header, dataclasses.replace(writing.result(), sha256=digest), peer)
 
     def receive(
         self,
@@ -185,6 +181,16 @@ class Intake:
             fsyncing.set()
 
     def _commit(
+        self, header: InstanceHeader, staged: StagedFile, peer: AssociationInfo | None
+    ) -> StoreOutcome:
+        """Move the staged file into place and index it; the staged file is gone after,
+        either way (moved, or removed)."""
+        try:
+            return self._move_and_index(header, staged, peer)
+        finally:
+            self.spool.discard(staged)
+
+    def _move_and_index(
         self, header: InstanceHeader, staged: StagedFile, peer: AssociationInfo | None
     ) -> StoreOutcome:
         rel = relative_path(
@@ -467,10 +473,7 @@ class IncomingInstance:
         except IntakeError:
             writer.discard()
             raise
-        try:
-            return self._intake._commit(header, staged, self._peer)
-        finally:
-            self._intake.spool.discard(staged)
+        return self._intake._commit(header, staged, self._peer)
 
     def abandon(self) -> None:
         if self._writer is not None:
