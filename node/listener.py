@@ -40,7 +40,7 @@ from node.intake import Intake
 from node.jobs import owner_name
 from node.metrics import CounterKey, Metrics
 from node.settings import Settings
-from node.spool import Spool
+from node.spool import Spool, write_status_file
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,7 @@ def write_status(path: Path, *, pid: int, index: int, metrics: Metrics) -> None:
     """Replace the status file atomically (a reader never sees half of it)."""
     counters = [[name, dict(labels), value]
                 for (name, labels), value in sorted(metrics.snapshot().items())]
-    temp = path.with_name(f"{path.name}.{pid}.tmp")
-    temp.write_text(json.dumps({"pid": pid, "index": index, "counters": counters}))
-    os.replace(temp, path)
+    write_status_file(path, {"pid": pid, "index": index, "counters": counters})
 
 
 def read_counters(path: Path) -> dict[CounterKey, float]:

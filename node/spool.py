@@ -45,6 +45,15 @@ def worker_statuses(spool: Path) -> Iterator[dict[str, Any]]:
             yield data
 
 
+def write_status_file(path: Path, data: dict[str, Any]) -> None:
+    """Replace a process's JSON status file (workers, listener children) atomically: a
+    reader never sees half of one. The temporary name is per process and does not end
+    in .json, so the readers' globs never pick it up."""
+    temp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temp.write_text(json.dumps(data))
+    os.replace(temp, path)
+
+
 def safe_component(uid: str) -> str:
     """A UID as a file name; anything that is not a plain UID is hashed (never a path)."""
     if _UID_RE.match(uid) and len(uid) <= 64:

@@ -19,7 +19,6 @@ UIDs are derived from the job, so a re-run after a loss writes the same objects.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -55,6 +54,7 @@ from node.jobs import Job, JobRunner, owner_name
 from node.ports import Sender
 from node.results.warm import warm_up
 from node.settings import ExecutorSettings, ModelSettings, Settings
+from node.spool import write_status_file
 
 log = logging.getLogger(__name__)
 
@@ -260,10 +260,7 @@ class RayWorker(WorkerNode):
                     "loaded": {name: bool(nodes) for name, nodes in resident.items()},
                     "ray_nodes": resident, "seconds": dict(self.seconds),
                     "runs": dict(self.runs)}
-            path = status_file(self.settings, "ray")
-            temp = path.with_suffix(".part")
-            temp.write_text(json.dumps(data))
-            os.replace(temp, path)
+            write_status_file(status_file(self.settings, "ray"), data)
 
     def _make_runner(self, sender: Sender | None) -> JobRunner:
         cfg = self.settings.executor

@@ -42,6 +42,7 @@ from node.results.seg import build_seg, label_counts
 from node.results.sr import build_sr
 from node.results.warm import warm_up
 from node.settings import Settings
+from node.spool import write_status_file
 
 log = logging.getLogger(__name__)
 
@@ -274,12 +275,9 @@ def warm_results_in_background() -> threading.Thread:
 
 
 def write_status(settings: Settings, pool: ModelPool, device: str | None = None) -> None:
-    path = status_file(settings, device)
-    temp = path.with_suffix(".part")
-    temp.write_text(json.dumps({"pid": os.getpid(), "device": device,
-                                "loaded": pool.loaded(), "seconds": pool.seconds,
-                                "runs": pool.runs}))
-    os.replace(temp, path)
+    write_status_file(status_file(settings, device),
+                      {"pid": os.getpid(), "device": device, "loaded": pool.loaded(),
+                       "seconds": pool.seconds, "runs": pool.runs})
 
 
 class WorkerNode:
