@@ -216,6 +216,11 @@ class DimseReceiver:
     def start(self) -> None:
         # Accept Storage SOP classes pynetdicom does not list (private or newer ones).
         _config.UNRESTRICTED_STORAGE_SERVICE = True
+        # pynetdicom's standard handlers summarise every PDU and message for its debug
+        # log, which node/log.py keeps at WARNING: building the summaries of one
+        # association request costs ~2 ms. Bound only when someone reads them.
+        _config.LOG_HANDLER_LEVEL = ("standard" if logging.getLogger("pynetdicom")
+                                     .isEnabledFor(logging.DEBUG) else "none")
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, lambda event: StatusValues.SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
@@ -284,7 +289,8 @@ class DimseReceiver:
             expected_sop_class_uid=request.sop_class_uid,
         )
         return _Incoming(incoming, lambda: self._answer(assoc, request.sop_instance_uid,
-                                                        peer, incoming.finish))
+                                                        peer, incoming.finish),
+                         self.intake.spool.make_spare)
 
     def _peer(self, assoc: Any, move_originator: str | None) -> AssociationInfo:
         peer = AssociationInfo(
@@ -461,9 +467,11 @@ class DimseSender:
 class _Incoming:
     """adapters/pdata.py's view of an instance the intake receives piece by piece."""
 
-    def __init__(self, incoming: IncomingInstance, finish: Callable[[], int]) -> None:
+    def __init__(self, incoming: IncomingInstance, finish: Callable[[], int],
+                 responded: Callable[[], None]) -> None:
         self._incoming = incoming
         self._finish = finish
+        self.responded = responded
 
     def add(self, fragment: memoryview) -> None:
         self._incoming.add(fragment)

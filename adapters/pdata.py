@@ -71,6 +71,10 @@ class DirectInstance(Protocol):
     def abandon(self) -> None:
         """The association ended before the last fragment."""
 
+    def responded(self) -> None:
+        """The response is out; work that can wait for the sender's next request (keeping
+        a temporary file ready) goes here."""
+
 
 @runtime_checkable
 class DirectStore(Protocol):
@@ -227,6 +231,11 @@ class PDataReader:
                 instance.abandon()
         self._respond(request.context_id, request.message_id, request.sop_class_uid,
                       request.sop_instance_uid, status)
+        if instance is not None:
+            try:
+                instance.responded()
+            except Exception:
+                log.exception("C-STORE handler failed after its response")
 
     def close(self) -> None:
         """The association is over: a data set still arriving never will."""

@@ -187,8 +187,9 @@ class Intake:
         either way (moved, or removed)."""
         try:
             return self._move_and_index(header, staged, peer)
-        finally:
-            self.spool.discard(staged)
+        except BaseException:
+            self.spool.discard(staged)      # (once moved, its temporary name is free)
+            raise
 
     def _move_and_index(
         self, header: InstanceHeader, staged: StagedFile, peer: AssociationInfo | None

@@ -30,6 +30,7 @@ _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 TMP_DIR = ".tmp"
 SPARE_SUFFIX = ".spare"   # an empty temporary file kept ready (removed at start and stop)
+MAX_SPARES = 8            # at most this many kept ready (one per association storing)
 
 
 def worker_statuses(spool: Path) -> Iterator[dict[str, Any]]:
@@ -132,12 +133,10 @@ class Spool:
         # ~60 us of every instance; next() on a count is atomic under the GIL)
         self._name_prefix = uuid.uuid4().hex[:16]
         self._name_counter = itertools.count()
-        # Creating a file costs ~0.2 ms (a journalled inode): a thread keeps one created
-        # ahead, so that a C-STORE starts writing at once (see open_stage).
+        # Creating a file costs ~0.2 ms (a new inode): make_spare creates them ahead, at
+        # a moment the caller has nothing else to do, so that open_stage takes one ready.
         self._spares: list[tuple[Path, int]] = []
         self._spare_lock = threading.Lock()
-        self._spare_wanted = threading.Event()
-        self._spare_thread: threading.Thread | None = None
         self._closed = False
 
     def prepare(self) -> int:
@@ -179,7 +178,6 @@ class Spool:
             )
         with self._spare_lock:
             spare = self._spares.pop() if self._spares else None
-        self._want_spare()
         if spare is not None:
             return StageWriter(*spare, fsync=self.fsync)
         try:
@@ -187,13 +185,30 @@ class Spool:
         except OSError as exc:
             raise _storage_error(exc, "writing to the spool") from exc
 
-    def close(self) -> None:
-        """Stop keeping a spare temporary file and remove the ones kept."""
-        self._closed = True
-        self._spare_wanted.set()
-        if self._spare_thread is not None:
-            self._spare_thread.join(5)
+    def make_spare(self) -> None:
+        """Create an empty temporary file for a later :meth:`open_stage`, unless
+        :data:`MAX_SPARES` are ready. The DICOM receiver calls it once a C-STORE response
+        is out, while the sender gets its next instance ready: creating the file there
+        takes it off the next instance's path without a thread of its own. Failing to
+        create one is not an error (open_stage creates, and reports, its own)."""
         with self._spare_lock:
+            if self._closed or len(self._spares) >= MAX_SPARES:
+                return
+        try:
+            spare = self._create_temp(SPARE_SUFFIX)
+        except OSError:
+            return
+        with self._spare_lock:
+            if not self._closed and len(self._spares) < MAX_SPARES:
+                self._spares.append(spare)
+                return
+        os.close(spare[1])
+        spare[0].unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Remove the spare temporary files and make no more."""
+        with self._spare_lock:
+            self._closed = True
             spares, self._spares = self._spares, []
         for path, fd in spares:
             os.close(fd)
@@ -203,43 +218,15 @@ class Spool:
         temp = self._tmp / f"{self._name_prefix}-{next(self._name_counter)}{suffix}"
         return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
 
-    def _want_spare(self) -> None:
-        if self._closed:
-            return
-        if self._spare_thread is None:
-            with self._spare_lock:
-                if self._spare_thread is None:
-                    self._spare_thread = threading.Thread(
-                        target=self._keep_spare, name="spool-spare", daemon=True)
-                    self._spare_thread.start()
-        self._spare_wanted.set()
-
-    def _keep_spare(self) -> None:
-        while True:
-            self._spare_wanted.wait()
-            self._spare_wanted.clear()
-            if self._closed:
-                return
-            with self._spare_lock:
-                if self._spares:
-                    continue
-            try:
-                spare = self._create_temp(SPARE_SUFFIX)
-            except OSError:
-                continue                    # open_stage creates (and reports) its own
-            with self._spare_lock:
-                if not self._closed:
-                    self._spares.append(spare)
-                    continue
-            os.close(spare[1])
-            spare[0].unlink(missing_ok=True)
-
     def commit(self, staged: StagedFile, rel_path: str) -> Path:
         """Move a staged file to its final name, durably. Replaces an existing file atomically."""
         final = self.root / rel_path
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staged.temp_path, final)
+            try:
+                os.replace(staged.temp_path, final)
+            except FileNotFoundError:       # the series' first file: no folder yet
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staged.temp_path, final)
             if self.fsync:
                 _fsync_dir(final.parent)
         except OSError as exc:
@@ -249,7 +236,7 @@ class Spool:
 
     def keep_previous(self, rel_path: str) -> Path | None:
         """Hard-link the file about to be replaced into .tmp/, so a failure can restore it."""
-        keep = self._tmp / f"{uuid.uuid4().hex}.prev"
+        keep = self._tmp / f"{self._name_prefix}-{next(self._name_counter)}.prev"
         try:
             os.link(self.root / rel_path, keep)
         except FileNotFoundError:

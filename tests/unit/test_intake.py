@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from node.errors import (
     StorageError,
     StorageFullError,
 )
-from node.spool import Spool, safe_component
+from node.spool import MAX_SPARES, Spool, safe_component
 from tests.support import half_written
 from tests.unit.helpers import Rig, encode, small_series
 
@@ -337,22 +336,25 @@ def test_receive_with_no_space_answers_full_after_the_last_piece(tmp_path: Path)
     assert half_written(rig.spool.root / ".tmp") == [] and _count(rig) == 0
 
 
-def test_the_spool_keeps_one_empty_temporary_file_ready(tmp_path: Path) -> None:
+def test_the_spool_keeps_empty_temporary_files_ready(tmp_path: Path) -> None:
     spool = Spool(tmp_path, fsync=True)
     spool.prepare()
     first = spool.open_stage()                    # none ready yet: created on the spot
     assert first.path.suffix == ".part"
     tmp = tmp_path / ".tmp"
-    deadline = time.monotonic() + 5
-    while not spool._spares and time.monotonic() < deadline:   # kept, not just created
-        time.sleep(0.01)
+    spool.make_spare()
     (spare,) = tmp.glob("*.spare")
     assert spare.stat().st_size == 0
     second = spool.open_stage()                   # takes the one kept ready
     assert second.path == spare
     second.write(b"abc")
     assert second.finish("").size == 3 and spare.read_bytes() == b"abc"
+    for _ in range(MAX_SPARES + 3):               # no more than MAX_SPARES are kept
+        spool.make_spare()
+    assert len([p for p in tmp.glob("*.spare") if p != spare]) == MAX_SPARES
     first.discard()
     spool.close()                                 # stop: spares removed, nothing else
+    assert sorted(p.name for p in tmp.iterdir()) == [spare.name]
+    spool.make_spare()                            # a closed spool makes none
     assert sorted(p.name for p in tmp.iterdir()) == [spare.name]
     assert Spool(tmp_path).prepare() == 1 and list(tmp.iterdir()) == []  # start: all gone

@@ -43,6 +43,8 @@ class _Instance:
         self.fragments: list[bytes] = []
         self.finished = self.abandoned = False
         self.fail_on_add = fail_on_add
+        self.responses_seen: int | None = None    # responses sent when responded() came
+        self.rig: _Rig | None = None
 
     def add(self, fragment: memoryview) -> None:
         if self.fail_on_add:
@@ -56,16 +58,22 @@ class _Instance:
     def abandon(self) -> None:
         self.abandoned = True
 
+    def responded(self) -> None:
+        assert self.rig is not None
+        self.responses_seen = len(self.rig.responses)
+
 
 class _Store:
-    def __init__(self, **instance: bool) -> None:
+    def __init__(self, rig: _Rig, **instance: bool) -> None:
         self.requests: list[StoreRequest] = []
         self.instances: list[_Instance] = []
         self._instance = instance
+        self._rig = rig
 
     def open_direct(self, assoc: Any, request: StoreRequest) -> _Instance:
         self.requests.append(request)
         self.instances.append(_Instance(**self._instance))
+        self.instances[-1].rig = self._rig
         return self.instances[-1]
 
 
@@ -73,7 +81,7 @@ class _Rig:
     """A reader whose pynetdicom side is pynetdicom's DIMSE message decoder."""
 
     def __init__(self, *, may_serve: bool = True, **instance: bool) -> None:
-        self.store = _Store(**instance)
+        self.store = _Store(self, **instance)
         self.message: DIMSEMessage | None = None
         self.decoded: list[Any] = []          # messages pynetdicom completed
         self.handed: list[tuple[int, bytes]] = []
@@ -135,6 +143,7 @@ def test_a_c_store_is_read_here_fragment_by_fragment() -> None:
     (instance,) = rig.store.instances
     assert b"".join(instance.fragments) == dataset and instance.finished
     assert rig.responses == [(1, 7, CT, "1.2.826.0.1.3680043.8.498.7", 0x0000)]
+    assert instance.responses_seen == 1               # told once its response was out
 
 
 def test_several_items_in_one_pdu_and_a_command_in_two_fragments() -> None:
