@@ -142,6 +142,12 @@ class PDataReader:
         self._instance: DirectInstance | None = None  # where its data set goes
         self._slow = False                       # the current message is pynetdicom's
 
+    @property
+    def mid_data_set(self) -> bool:
+        """A C-STORE read here still waits for data set fragments: the peer's next PDU is
+        for it (unless the peer gives up: then it is an A-ABORT or A-RELEASE)."""
+        return self._request is not None
+
     def feed(self, body: memoryview) -> None:
         """The variable part of one P-DATA-TF PDU (after its 6-byte header)."""
         offset, end = 0, len(body)

@@ -135,22 +135,32 @@ class WakingDUL(DULServiceProvider):
             super()._read_pdu_data()
             return
         header = sock.recv(6)
-        if len(header) != 6 or header[0] != 0x04:
-            sock.unread(header)
-            super()._read_pdu_data()
-            return
-        length = struct.unpack_from(">I", header, 2)[0]
-        body = sock.recv(length)
-        if len(body) != length:       # as pynetdicom: the connection closed mid-PDU
-            log.error("The received PDU is shorter than expected (%d of %d bytes received)",
-                      len(body) + 6, length + 6)
-            self.event_queue.put("Evt17")
-            return
-        try:
-            reader.feed(memoryview(body))
-        except MalformedPdu as exc:   # as pynetdicom: an invalid PDU aborts (AA-8)
-            log.error("Unable to decode the received P-DATA-TF PDU: %s", exc)
-            self.event_queue.put("Evt19")
+        while True:
+            if len(header) != 6 or header[0] != 0x04:
+                sock.unread(header)
+                super()._read_pdu_data()
+                return
+            length = struct.unpack_from(">I", header, 2)[0]
+            body = sock.recv(length)
+            if len(body) != length:       # as pynetdicom: the connection closed mid-PDU
+                log.error("The received PDU is shorter than expected (%d of %d bytes "
+                          "received)", len(body) + 6, length + 6)
+                self.event_queue.put("Evt17")
+                return
+            try:
+                reader.feed(memoryview(body))
+            except MalformedPdu as exc:   # as pynetdicom: an invalid PDU aborts (AA-8)
+                log.error("Unable to decode the received P-DATA-TF PDU: %s", exc)
+                self.event_queue.put("Evt19")
+                return
+            # The rest of a data set being received here: its next PDU, when it has begun
+            # to arrive, is read at once instead of after another pass of pynetdicom's
+            # loop (its timers, queues, two selects and a GIL release: ~40 calls a PDU).
+            if not reader.mid_data_set or self._kill_thread:
+                return
+            header = sock.recv_arrived(6)
+            if not header:
+                return
 
     def _reader(self) -> PDataReader | None:
         if self.state_machine.current_state != "Sta6":
@@ -373,6 +383,25 @@ class BulkReadSocket(AssociationSocket):
     def unread(self, data: bytes | bytearray) -> None:
         """Give bytes back: the next :meth:`recv` returns them first."""
         self._pushback = bytes(data) + self._pushback
+
+    def recv_arrived(self, nr_bytes: int) -> bytearray:
+        """:meth:`recv` when some of the bytes have arrived already (then it waits for the
+        rest); empty at once when none have, and on a TLS connection."""
+        sock = self.socket
+        if self._pushback:
+            return self.recv(nr_bytes)
+        if sock is None or isinstance(sock, ssl.SSLSocket):
+            return bytearray()
+        buffer = bytearray(nr_bytes)
+        try:
+            got = sock.recv_into(buffer, nr_bytes, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return bytearray()
+        if got == 0:
+            return bytearray()            # closed: pynetdicom's loop sees it next
+        if got < nr_bytes:
+            return buffer[:got] + self.recv(nr_bytes - got)
+        return buffer
 
     def recv(self, nr_bytes: int) -> bytearray:
         if self._pushback:

@@ -115,6 +115,8 @@ _EXPLICIT_LE, _IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
 _UNDEFINED = 0xFFFFFFFF
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR",
                        b"UT", b"SV", b"UV"})
+# every other two upper-case letters: what _element takes for a VR with a 16-bit length
+_SHORT_VRS = frozenset(bytes((a, b)) for a in range(65, 91) for b in range(65, 91)) - _LONG_VRS
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
 _HEADER = struct.Struct("<HHI")      # group, element, 32-bit length (implicit VR, items)
@@ -183,8 +185,21 @@ def _walk(buf: bytes, pos: int, explicit: bool, *, to_pixels: bool = False) -> d
     Data element starts in it (so that every element before it was seen and checked)."""
     found: dict[str, bytes] = {}
     end, previous = len(buf), -1
+    unpack = _EXPLICIT.unpack_from
     while pos < end:
-        tag, vr, length, value = _element(buf, pos, explicit)
+        if explicit:    # _element's explicit case, inlined: this loop runs per element
+            group, elem, vr, length = unpack(buf, pos)
+            tag = (group << 16) | elem
+            if group == 0xFFFE:
+                tag, vr, length, value = _element(buf, pos, explicit)
+            elif vr in _SHORT_VRS:
+                value = pos + 8
+            elif vr in _LONG_VRS:
+                length, value = _U32.unpack_from(buf, pos + 8)[0], pos + 12
+            else:
+                raise _GiveUp
+        else:
+            tag, vr, length, value = _element(buf, pos, explicit)
         if tag <= previous:
             raise _GiveUp
         previous = tag

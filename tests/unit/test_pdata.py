@@ -135,11 +135,16 @@ def test_a_c_store_is_read_here_fragment_by_fragment() -> None:
     dataset = os.urandom(20000)
     pdvs = _store_pdvs(7, dataset, max_pdu=4096)
     assert len(pdvs) > 5                              # the data set really is fragmented
+    waiting = []
     for item in pdvs:                                 # one PDV per PDU, as dcmtk sends
         rig.feed(item)
+        waiting.append(rig.reader.mid_data_set)
     assert rig.handed == [] and rig.decoded == []     # pynetdicom saw nothing of it
     (request,) = rig.store.requests
     assert request == StoreRequest(1, EXPLICIT, 7, CT, "1.2.826.0.1.3680043.8.498.7", None)
+    # waiting for more data set from the command on, until the last fragment
+    commands = sum(1 for cx, value in pdvs if value[0] & 0x01)
+    assert waiting == [False] * (commands - 1) + [True] * (len(pdvs) - commands) + [False]
     (instance,) = rig.store.instances
     assert b"".join(instance.fragments) == dataset and instance.finished
     assert rig.responses == [(1, 7, CT, "1.2.826.0.1.3680043.8.498.7", 0x0000)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,20 @@ def test_bulk_read_lets_a_timeout_through() -> None:
         a.sendall(b"abc")
         with pytest.raises(TimeoutError):
             _bulk(b).recv(10)
+
+
+def test_recv_arrived_reads_only_what_has_begun_to_arrive() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        bulk = _bulk(b)
+        started = time.monotonic()
+        assert bulk.recv_arrived(6) == bytearray()          # nothing yet: at once
+        assert time.monotonic() - started < 0.5
+        a.sendall(b"\x04\x00")                              # two of six bytes so far
+        threading.Timer(0.05, lambda: a.sendall(b"\x00\x00\x00\x10")).start()
+        assert bulk.recv_arrived(6) == bytearray(b"\x04\x00\x00\x00\x00\x10")  # waits
+        bulk.unread(b"\x07xyz")
+        assert bulk.recv_arrived(2) == bytearray(b"\x07x")   # given back first
+        assert bulk.recv(2) == bytearray(b"yz")
+        a.close()
+        assert bulk.recv_arrived(6) == bytearray()          # closed: left to the loop
