@@ -163,14 +163,58 @@ def client_tls(destination: DestinationSettings | SourceSettings) -> ssl.SSLCont
     return context
 
 
-class ReusePortServer(ThreadedAssociationServer):
-    """The listener for several processes sharing one port: SO_REUSEPORT is set before
-    bind, so the kernel spreads incoming connections over the processes (node/listener.py)."""
+# How much later a process of several on one port (SharedSocketServer) tries to accept a
+# new association per association it serves; an association accepted this recently
+# counts as served (its thread may not have started yet).
+ACCEPT_DEFERRAL = 0.002
+RECENT_ACCEPT = 0.05
+
+
+class SharedSocketServer(ThreadedAssociationServer):
+    """The listener of several processes on one port (node/listener.py): they all accept
+    from one listening socket, made by the receiver (``listen_fd`` None) and inherited by
+    its listener children (``listen_fd``). The socket does not block: every process sees
+    a new connection, the first to call accept takes it, the others get nothing and go
+    back to waiting. A process that serves associations (or accepted one a moment ago)
+    calls :data:`ACCEPT_DEFERRAL` later per association, so new associations go to the
+    free processes first; with SO_REUSEPORT the kernel's hash of the peer's address put
+    two of four parallel associations on one process and none on another. Connections
+    not yet accepted wait in the one queue, so a child that dies drops none of them."""
+
+    def __init__(self, *args: Any, listen_fd: int | None = None, **kwargs: Any) -> None:
+        self._listen_fd = listen_fd
+        self._last_accept = -1.0
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept, after a pause that grows with what this process serves already; raises
+        BlockingIOError when another process took the connection meanwhile."""
+        busy = len(self.active_associations) \
+            + (time.monotonic() - self._last_accept < RECENT_ACCEPT)
+        if busy:
+            time.sleep(min(busy, 8) * ACCEPT_DEFERRAL)
+        request = super().get_request()
+        self._last_accept = time.monotonic()
+        return request
 
     def server_bind(self) -> None:
-        assert self.socket is not None          # made by TCPServer.__init__ before bind
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        if self._listen_fd is None:
+            super().server_bind()
+            return
+        assert self.socket is not None          # made by TCPServer.__init__, unused here
+        self.socket.close()
+        self.socket = socket.socket(fileno=self._listen_fd)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        assert self.socket is not None
+        if self._listen_fd is None:
+            super().server_activate()
+        self.socket.setblocking(False)          # (shared with every process: one flag)
+
+    def server_close(self) -> None:
+        assert self.socket is not None
+        self.socket.close()     # no shutdown(): that would stop the other processes too
 
 
 class DimseReceiver:
@@ -184,9 +228,13 @@ class DimseReceiver:
         on_released: Callable[[set[str]], None] = lambda _: None,
         metrics: Metrics | None = None,
         moved_from: Callable[[str], str | None] = lambda _: None,
+        listen_fd: int | None = None,
     ) -> None:
         """``moved_from``: the pull source (node/pull.py) whose PACS has this calling AE
-        title, if any; instances it sends for our own C-MOVE are tagged with its name."""
+        title, if any; instances it sends for our own C-MOVE are tagged with its name.
+        ``listen_fd``: a listener child's inherited listening socket (with
+        ``listener_processes`` > 1; the receiver's own is :attr:`listening_fd`)."""
+        self._listen_fd = listen_fd
         self.settings = settings
         self.intake = intake
         self.on_released = on_released
@@ -235,11 +283,15 @@ class DimseReceiver:
         # pynetdicom's start_server, with a connection handler whose associations wake
         # on work instead of polling (adapters/reactor.py).
         shared = self.settings.listener_processes > 1
+        if self._listen_fd is not None and not shared:
+            raise ValueError("an inherited listening socket is for listener_processes > 1")
+        extra: dict[str, Any] = {"listen_fd": self._listen_fd} if shared else {}
         server = ae.make_server((self.settings.host, self.settings.port),
                                 evt_handlers=handlers, ssl_context=server_tls(self.settings.tls),
-                                server_class=ReusePortServer if shared
+                                server_class=SharedSocketServer if shared
                                 else ThreadedAssociationServer,
-                                request_handler=WakingRequestHandler)
+                                request_handler=WakingRequestHandler,
+                                **extra)
         ae._servers.append(server)  # as start_server does: AE.shutdown() stops it too
         threading.Thread(target=server.serve_forever, name="dicom-listener",
                          daemon=True).start()
@@ -248,7 +300,14 @@ class DimseReceiver:
         self._server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         log.info("DICOM listener %s on %s:%d%s%s", self.settings.ae_title, self.settings.host,
                  self.port, " (TLS)" if self.settings.tls else "",
-                 " (port shared, SO_REUSEPORT)" if shared else "")
+                 " (socket shared with the listener processes)" if shared else "")
+
+    @property
+    def listening_fd(self) -> int:
+        """The listening socket's descriptor, for the listener children to inherit."""
+        if self._server is None:
+            raise RuntimeError("the listener is not started")
+        return int(self._server.socket.fileno())
 
     @property
     def port(self) -> int:

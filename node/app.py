@@ -187,7 +187,8 @@ class Node:
         self.receiver.start()
         if self.settings.node.listener_processes > 1:
             remove_statuses(self.settings)
-            self.listeners = ListenerSupervisor(self.settings, on_released=self._released.put)
+            self.listeners = ListenerSupervisor(self.settings, on_released=self._released.put,
+                                                listen_fd=self.receiver.listening_fd)
             self.listeners.start()
         self.admin = AdminServer(
             self.settings.http.host, self.settings.http.port, token=admin_token(self.settings),
@@ -451,15 +452,17 @@ class ListenerSupervisor(WorkerSupervisor):
     """The listener children of ``[node] listener_processes`` (node/listener.py), run and
     restarted like workers. Each gets the write end of a pipe on which it announces its
     released associations, one JSON list of series UIDs per line; a thread here reads
-    them all and hands each to ``on_released`` (assembly's fast path)."""
+    them all and hands each to ``on_released`` (assembly's fast path). Each also inherits
+    the receiver's listening socket, ``listen_fd``."""
 
     what = "listener process"
 
     def __init__(self, settings: Settings, *,
-                 on_released: Callable[[set[str]], None]) -> None:
+                 on_released: Callable[[set[str]], None], listen_fd: int) -> None:
         super().__init__(settings, keys=[str(i) for i in
                                          range(1, settings.node.listener_processes)])
         self.on_released = on_released
+        self.listen_fd = listen_fd
         self._selector = selectors.DefaultSelector()
         self._partial: dict[int, bytes] = {}
         self._closing = threading.Event()
@@ -478,8 +481,9 @@ class ListenerSupervisor(WorkerSupervisor):
                 [sys.executable, "-m", "node.cli", "serve", "--role", "listener",
                  "--listener-index", device, "-c", str(self.settings.source_file)],
                 env={**os.environ, "PACSNODE_PARENT_PID": str(os.getpid()),
-                     "PACSNODE_RELEASE_FD": str(write_fd)},
-                pass_fds=(write_fd,))
+                     "PACSNODE_RELEASE_FD": str(write_fd),
+                     "PACSNODE_LISTEN_FD": str(self.listen_fd)},
+                pass_fds=(write_fd, self.listen_fd))
         except BaseException:
             os.close(read_fd)
             raise

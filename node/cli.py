@@ -124,8 +124,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from node.listener import ListenerNode
 
         fd = os.environ.get("PACSNODE_RELEASE_FD")
+        listen_fd = os.environ.get("PACSNODE_LISTEN_FD")
+        if not listen_fd:
+            raise ConfigError("a listener process is started by its receiver (pacsnode "
+                              "serve with [node] listener_processes > 1), which passes it "
+                              "the listening socket")
         ListenerNode(settings, index=args.listener_index,
-                     release_fd=int(fd) if fd else None).serve_forever()
+                     release_fd=int(fd) if fd else None,
+                     listen_fd=int(listen_fd)).serve_forever()
     else:
         Node(settings, spawn_worker=args.role == "all").serve_forever()
     return EXIT_OK

@@ -1,9 +1,10 @@
 """Listener children: more processes accepting associations on the receiver's DICOM port.
 
 One Python process stores on one core (one GIL). With ``[node] listener_processes = N``
-the receiver binds its port with SO_REUSEPORT and starts N-1 children (``pacsnode serve
---role listener``, supervised by node/app.py's ListenerSupervisor) that bind the same
-port; the kernel spreads associations over all N. A child runs only C-STORE intake: the
+the receiver starts N-1 children (``pacsnode serve --role listener``, supervised by
+node/app.py's ListenerSupervisor) that inherit its listening socket; all N accept from
+it, and a new association goes to whichever is free first (adapters/dimse.py
+SharedSocketServer). A child runs only C-STORE intake: the
 same AE checks and TLS (adapters/dimse.py), the same spool and index (node/intake.py),
 its own staging folder. Everything else (assembly, routing, jobs, delivery, the admin
 API) stays in the receiver.
@@ -89,7 +90,8 @@ def remove_statuses(settings: Settings) -> None:
 class ListenerNode:
     """One listener child: the DICOM listener and intake, nothing else."""
 
-    def __init__(self, settings: Settings, *, index: int, release_fd: int | None) -> None:
+    def __init__(self, settings: Settings, *, index: int, release_fd: int | None,
+                 listen_fd: int) -> None:
         self.settings = settings
         self.index = index
         storage = settings.storage
@@ -104,7 +106,8 @@ class ListenerNode:
         for (name, labels), value in read_counters(self.status).items():
             self.metrics.inc(name, value, **dict(labels))   # a restart continues the sums
         self.receiver = DimseReceiver(settings.node, self.intake, on_released=self._announce,
-                                      metrics=self.metrics, moved_from=self._moving_source)
+                                      metrics=self.metrics, moved_from=self._moving_source,
+                                      listen_fd=listen_fd)
         self._release_fd = release_fd
         self._release_lock = threading.Lock()
         self._stop = threading.Event()

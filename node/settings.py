@@ -87,7 +87,7 @@ class NodeSettings(_Section):
     dimse_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     acse_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
     tls: TlsSettings | None = None
-    # Processes accepting associations on the port (SO_REUSEPORT): the receiver plus
+    # Processes accepting associations on the port (one listening socket): the receiver plus
     # listener_processes - 1 intake-only children (node/listener.py).
     listener_processes: Annotated[int, Field(ge=1, le=64)] = 1
 

@@ -1,5 +1,5 @@
-"""[node] listener_processes = 2: a listener child shares the DICOM port (SO_REUSEPORT)
-with the receiver; both store, the child's releases reach the fast path, its counters
+"""[node] listener_processes = 2: a listener child shares the receiver's listening
+socket; both store, the child's releases reach the fast path, its counters
 reach /metrics, a killed child is restarted, and SIGTERM stops both."""
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def _wait_stored(node: Any, index: IndexView, sops: frozenset[str], already: int
 def _send_until_both_served(node: Any, out: Path, first_seed: int, index: IndexView,
                             already: int) -> tuple[set[str], set[str]]:
     """Rounds of parallel associations until the child and the receiver each stored
-    some of one round (the kernel's hash may put all of a round on one side).
+    some of one round (one process may be free for all of a round).
     ``already``: instances the node holds before."""
     sops: set[str] = set()
     series: set[str] = set()
