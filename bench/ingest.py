@@ -10,14 +10,16 @@ to each receiver in turn, every receiver on 127.0.0.1 with fresh, empty storage:
   fsync per file) and fresh temp storage and index;
 - ``pacsnode``: ``pacsnode serve`` with a default config (fsync of file and directory);
   ``--listeners 1 2`` runs it once per value of ``[node] listener_processes`` (named
-  ``pacsnode``, ``pacsnode-l2``), its CPU column then counting the listener children too.
+  ``pacsnode``, ``pacsnode-l2``), its CPU column then counting the listener children too;
+  ``--baseline REV`` adds pacsnode as of REV, with ``--baseline-listeners N`` processes.
 
 The clock runs from the start of storescu until the last storescu exits. Each receiver
 must then hold all N instances, or the run fails. The table goes to stdout and is
 appended to bench/RESULTS.md with the machine, the date (UTC) and the command.
 
     .venv/bin/python bench/ingest.py [--slices 300] [--size 512] [--repeat 1] [--parallel 1]
-                                     [--listeners 1 2]
+                                     [--listeners 1 2] [--baseline REV]
+                                     [--baseline-listeners 1]
 """
 
 from __future__ import annotations
@@ -243,8 +245,8 @@ def measure(name: str, files: Sequence[Path], nbytes: int, args: argparse.Namesp
         starters[pacsnode_name(n)] = functools.partial(start_pacsnode, name=pacsnode_name(n),
                                                        listeners=n)
     if args.baseline_tree is not None:
-        starters[args.baseline_name] = lambda w: start_pacsnode(w, args.baseline_tree,
-                                                                args.baseline_name)
+        starters[args.baseline_name] = lambda w: start_pacsnode(
+            w, args.baseline_tree, args.baseline_name, listeners=args.baseline_listeners)
     receiver = starters[name](work)
     try:
         os.sync()  # start every receiver with no dirty pages left by the previous one
@@ -293,7 +295,9 @@ def table(runs: Sequence[Run], receivers: Sequence[str]) -> str:
 
 def versions(args: argparse.Namespace) -> str:
     import pynetdicom
-    baseline = (f"; baseline {args.baseline_name} (git archive of that commit)"
+    baseline = (f"; baseline {args.baseline_name} (git archive of that commit"
+                + (f", listener_processes = {args.baseline_listeners})"
+                   if args.baseline_listeners > 1 else ")")
                 if args.baseline else "")
     return (f"{first_line(['storescu', '--version']).strip('$ ')}; "
             f"{first_line(['Orthanc', '--version'])}; {revision()}{baseline}"
@@ -375,12 +379,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline", metavar="REV",
                    help="also run pacsnode as of git revision REV (exported with git archive), "
                         "interleaved with the others: before/after in one run")
+    p.add_argument("--baseline-listeners", type=int, default=1, metavar="N",
+                   help="the baseline's [node] listener_processes (default 1)")
     p.add_argument("--tmpdir", help="where the temp folders go (default: $TMPDIR or /tmp)")
     p.add_argument("--results", type=Path, default=RESULTS, help="file the table is appended to")
     p.add_argument("--no-append", action="store_true", help="print only")
     args = p.parse_args(argv)
-    if min(args.slices, args.size, args.repeat, args.parallel, *args.listeners) < 1:
-        p.error("--slices, --size, --repeat, --parallel and --listeners must be >= 1")
+    if min(args.slices, args.size, args.repeat, args.parallel, args.baseline_listeners,
+           *args.listeners) < 1:
+        p.error("--slices, --size, --repeat, --parallel, --listeners and "
+                "--baseline-listeners must be >= 1")
     args.listeners = list(dict.fromkeys(args.listeners))
     missing = [t for t in ("storescu", "storescp", "Orthanc") if shutil.which(t) is None]
     if missing:
@@ -401,7 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.baseline_tree = None
         if args.baseline:
             args.baseline_tree = temp / "baseline"
-            args.baseline_name = f"pacsnode@{export_revision(args.baseline, args.baseline_tree)}"
+            args.baseline_name = f"pacsnode@{export_revision(args.baseline, args.baseline_tree)}" \
+                + (f"-l{args.baseline_listeners}" if args.baseline_listeners > 1 else "")
         runs: list[Run] = []
         for i in range(args.repeat):
             for name in order(args):
