@@ -1,7 +1,8 @@
 """The spool: received instances on disk, written durably.
 
 A file becomes visible under its final name only after its bytes are fsync'd; the
-rename is then made durable by fsync'ing the directory (write, fsync, rename, fsync).
+rename is then made durable by fsync'ing the directory (write, fsync, rename, fsync),
+and a series' first file also fsyncs the parents of the folders made for it.
 Half-written files live only in ``.tmp/`` and are removed at start.
 """
 
@@ -222,17 +223,32 @@ class Spool:
         """Move a staged file to its final name, durably. Replaces an existing file atomically."""
         final = self.root / rel_path
         try:
+            created: list[Path] = []
             try:
                 os.replace(staged.temp_path, final)
             except FileNotFoundError:       # the series' first file: no folder yet
-                final.parent.mkdir(parents=True, exist_ok=True)
+                created = self._make_folders(final.parent)
                 os.replace(staged.temp_path, final)
             if self.fsync:
                 _fsync_dir(final.parent)
+                for folder in created:      # a new folder's own name, in its parent
+                    _fsync_dir(folder.parent)
         except OSError as exc:
             staged.temp_path.unlink(missing_ok=True)
             raise _storage_error(exc, "moving a file into the spool") from exc
         return final
+
+    def _make_folders(self, folder: Path) -> list[Path]:
+        """Create ``folder`` and the missing ones above it (up to the spool root); the
+        ones that were missing, deepest first (one another association creates meanwhile
+        counts too: its parent's fsync may not have happened yet)."""
+        missing: list[Path] = []
+        while folder != self.root and not folder.is_dir():
+            missing.append(folder)
+            folder = folder.parent
+        for path in reversed(missing):
+            path.mkdir(exist_ok=True)
+        return missing
 
     def keep_previous(self, rel_path: str) -> Path | None:
         """Hard-link the file about to be replaced into .tmp/, so a failure can restore it."""

@@ -18,6 +18,7 @@ from node.errors import (
     StorageError,
     StorageFullError,
 )
+from node import spool as spool_module
 from node.spool import MAX_SPARES, Spool, safe_component
 from tests.support import half_written
 from tests.unit.helpers import Rig, encode, small_series
@@ -358,3 +359,26 @@ def test_the_spool_keeps_empty_temporary_files_ready(tmp_path: Path) -> None:
     spool.make_spare()                            # a closed spool makes none
     assert sorted(p.name for p in tmp.iterdir()) == [spare.name]
     assert Spool(tmp_path).prepare() == 1 and list(tmp.iterdir()) == []  # start: all gone
+
+
+def test_a_new_series_folder_is_made_durable_with_its_first_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[Path] = []
+    monkeypatch.setattr(spool_module, "_fsync_dir", synced.append)
+    spool = Spool(tmp_path, fsync=True)
+    spool.prepare()
+
+    def commit(rel: str) -> None:
+        writer = spool.open_stage()
+        writer.write(b"x")
+        spool.commit(writer.finish(""), rel)
+
+    commit("1.2/1.2.3/1.2.3.4.dcm")                 # new study and series folders
+    assert synced == [tmp_path / "1.2" / "1.2.3", tmp_path / "1.2", tmp_path]
+    synced.clear()
+    commit("1.2/1.2.3/1.2.3.5.dcm")                 # the same series: its folder only
+    assert synced == [tmp_path / "1.2" / "1.2.3"]
+    synced.clear()
+    commit("1.2/1.2.4/1.2.4.1.dcm")                 # a new series of a known study
+    assert synced == [tmp_path / "1.2" / "1.2.4", tmp_path / "1.2"]
+    assert (tmp_path / "1.2" / "1.2.4" / "1.2.4.1.dcm").read_bytes() == b"x"
