@@ -50,7 +50,6 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from adapters.pdata import DirectStore, MalformedPdu, PDataReader, p_data
@@ -340,9 +339,7 @@ class WaitingDIMSE(DIMSEServiceProvider):
         if self._may_send_now():
             self.dul.socket.send(p_data_tf(context_id, value))   # type: ignore[union-attr]
             return
-        pdata = P_DATA()
-        pdata.presentation_data_value_list.append((context_id, value))
-        self.dul.send_pdu(pdata)
+        self.dul.send_pdu(p_data(context_id, value))
 
     def _may_send_now(self) -> bool:
         """On the DUL thread (a C-STORE served there), with the association established
