@@ -135,7 +135,7 @@ class Node:
         # receiver claims and a staging folder of its own.
         owner = owner_name(f"receiver-{settings.node.port}") if is_postgresql(self.engine) \
             else None
-        self.spool = Spool(storage.spool, fsync=storage.fsync,
+        self.spool = Spool(storage.spool, fsync=storage.fsync, direct_io=storage.direct_io,
                            min_free_bytes=storage.min_free_mb * 1024 * 1024,
                            staging=owner.replace(":", "-") if owner else None)
         lock = threading.Lock()

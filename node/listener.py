@@ -97,7 +97,7 @@ class ListenerNode:
         storage = settings.storage
         self.engine = open_database(storage)
         owner = owner_name(f"listener-{settings.node.port}-{index}")
-        self.spool = Spool(storage.spool, fsync=storage.fsync,
+        self.spool = Spool(storage.spool, fsync=storage.fsync, direct_io=storage.direct_io,
                            min_free_bytes=storage.min_free_mb * 1024 * 1024,
                            staging=owner.replace(":", "-"))
         self.intake = Intake(self.spool, self.engine)

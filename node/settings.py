@@ -97,6 +97,8 @@ class StorageSettings(_Section):
     database: str = "sqlite:///var/pacsnode.db"
     database_password_file: Path | None = None      # PostgreSQL password, kept out of the URL
     fsync: bool = True
+    # write instances with O_DIRECT (not through the page cache) where the filesystem can
+    direct_io: bool = True
     min_free_mb: Annotated[int, Field(ge=0)] = 256
     audit_log: Path = Path("var/audit.jsonl")
 

@@ -4,15 +4,23 @@ A file becomes visible under its final name only after its bytes are fsync'd; th
 rename is then made durable by fsync'ing the directory (write, fsync, rename, fsync),
 and a series' first file also fsyncs the parents of the folders made for it.
 Half-written files live only in ``.tmp/`` and are removed at start.
+
+With ``direct_io`` (the default) the bytes go from a reused, aligned buffer straight to
+the disk (``O_DIRECT``) instead of through the page cache, which each instance would
+fill with fresh pages only for the fsync to write them out at once. On a filesystem that
+refuses ``O_DIRECT`` (tmpfs before Linux 6.6, some network filesystems) the spool falls
+back to ordinary writes and says so once.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import itertools
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -32,6 +40,11 @@ _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 TMP_DIR = ".tmp"
 SPARE_SUFFIX = ".spare"   # an empty temporary file kept ready (removed at start and stop)
 MAX_SPARES = 8            # at most this many kept ready (one per association storing)
+# O_DIRECT: offsets, lengths and memory in multiples of this (the largest logical block
+# size in use; 512-byte devices take it too). The buffer gathers pieces into such blocks.
+DIRECT_ALIGN = 4096
+DIRECT_BUFFER = 1 << 20   # bytes gathered before a write; one buffer per file being written
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 def worker_statuses(spool: Path) -> Iterator[dict[str, Any]]:
@@ -79,23 +92,33 @@ class StagedFile:
 class StageWriter:
     """A temporary file in the spool's ``.tmp/``, written in pieces, then fsync'd
     (:meth:`finish`) or removed (:meth:`discard`). A failed write removes it too and
-    raises StorageFullError/StorageError."""
+    raises StorageFullError/StorageError.
 
-    def __init__(self, path: Path, fd: int, *, fsync: bool) -> None:
+    Given a ``buffer`` (the file was opened with ``O_DIRECT``), pieces are gathered there
+    and written in whole aligned blocks; the last, partial block is written through the
+    page cache once ``O_DIRECT`` is turned off for the file (:meth:`finish`).
+    """
+
+    def __init__(self, path: Path, fd: int, *, fsync: bool, buffer: mmap.mmap | None = None,
+                 spool: Spool | None = None) -> None:
         self.path = path
         self.size = 0
         self._fd: int | None = fd
         self._fsync = fsync
+        self._buffer = buffer
+        self._held = 0          # bytes in the buffer not written yet
+        self._spool = spool     # gets the buffer back, and hears when O_DIRECT fails
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._fd is None:
             raise StorageError("writing to the spool: the file is already closed")
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
+        self.size += len(view)
         try:
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-                self.size += written
+            if self._buffer is None:
+                self._write_all(view)
+            else:
+                self._gather(view)
         except OSError as exc:
             self.discard()
             raise _storage_error(exc, "writing to the spool") from exc
@@ -105,29 +128,101 @@ class StageWriter:
         if self._fd is None:
             raise StorageError("writing to the spool: the file is already closed")
         try:
+            if self._buffer is not None:
+                self._write_held(final=True)
             if self._fsync:
                 os.fsync(self._fd)
         except OSError as exc:
             self.discard()
             raise _storage_error(exc, "writing to the spool") from exc
-        os.close(self._fd)
-        self._fd = None
+        self._close()
         return StagedFile(self.path, self.size, sha256)
 
     def discard(self) -> None:
+        self._close()
+        self.path.unlink(missing_ok=True)
+
+    def _close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        self.path.unlink(missing_ok=True)
+        self._give_back_buffer()
+
+    def _write_all(self, view: memoryview) -> None:
+        assert self._fd is not None
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def _gather(self, view: memoryview) -> None:
+        """Copy into the buffer; each time it is full, write its whole blocks."""
+        buffer = self._buffer
+        while buffer is not None:
+            room = len(buffer) - self._held
+            if len(view) < room:
+                buffer[self._held:self._held + len(view)] = view
+                self._held += len(view)
+                return
+            buffer[self._held:] = view[:room]
+            view = view[room:]
+            self._held = len(buffer)
+            self._write_held(final=False)
+            buffer = self._buffer
+        self._write_all(view)           # O_DIRECT was given up on the way
+
+    def _write_held(self, *, final: bool) -> None:
+        """Write the buffer's whole blocks with O_DIRECT and keep the partial last one
+        for later, or (``final``) write it through the page cache."""
+        assert self._fd is not None and self._buffer is not None
+        blocks = self._held - self._held % DIRECT_ALIGN
+        done, refused = 0, False
+        with memoryview(self._buffer) as view:
+            while done < blocks:
+                try:
+                    written = os.write(self._fd, view[done:blocks])
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    written = 0         # the filesystem took O_DIRECT at open, not here
+                done += written
+                if not written or done % DIRECT_ALIGN:
+                    # refused, or a short write that leaves the offset unaligned
+                    refused = not written
+                    break
+            rest = bytes(view[done:self._held])
+        if done < blocks or final:
+            self._leave_direct(rest, refused=refused)
+        else:
+            self._buffer[:len(rest)] = rest
+            self._held = len(rest)
+
+    def _leave_direct(self, rest: bytes, *, refused: bool) -> None:
+        """Turn O_DIRECT off for this file, write ``rest`` through the page cache and
+        give the buffer back; ``refused``: tell the spool to stop using O_DIRECT."""
+        assert self._fd is not None
+        self._give_back_buffer()
+        if refused and self._spool is not None:
+            self._spool.direct_io_refused()
+        _clear_direct(self._fd)
+        self._write_all(memoryview(rest))
+
+    def _give_back_buffer(self) -> None:
+        buffer, self._buffer, self._held = self._buffer, None, 0
+        if buffer is not None:
+            if self._spool is not None:
+                self._spool.give_back_buffer(buffer)
+            else:
+                buffer.close()
 
 
 class Spool:
     def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0,
-                 staging: str | None = None) -> None:
+                 staging: str | None = None, direct_io: bool = True) -> None:
         """``staging``: a private folder under ``.tmp/`` for a receiver that shares the
-        spool with others (each cleans only its own half-written files at start)."""
+        spool with others (each cleans only its own half-written files at start).
+        ``direct_io``: write with ``O_DIRECT`` where the filesystem takes it."""
         self.root = root
         self.fsync = fsync
+        self.direct_io = direct_io and bool(_O_DIRECT)
         self.min_free_bytes = min_free_bytes
         self._tmp = root / TMP_DIR / staging if staging else root / TMP_DIR
         # temporary names: random per spool object, then counted (uuid4 per file costs
@@ -137,6 +232,7 @@ class Spool:
         # Creating a file costs ~0.2 ms (a new inode): make_spare creates them ahead, at
         # a moment the caller has nothing else to do, so that open_stage takes one ready.
         self._spares: list[tuple[Path, int]] = []
+        self._buffers: list[mmap.mmap] = []     # aligned buffers for O_DIRECT, reused
         self._spare_lock = threading.Lock()
         self._closed = False
 
@@ -179,12 +275,43 @@ class Spool:
             )
         with self._spare_lock:
             spare = self._spares.pop() if self._spares else None
-        if spare is not None:
-            return StageWriter(*spare, fsync=self.fsync)
+            buffer = self._buffers.pop() if self._buffers and self.direct_io else None
         try:
-            return StageWriter(*self._create_temp(), fsync=self.fsync)
+            path, fd = spare if spare is not None else self._create_temp()
         except OSError as exc:
+            if buffer is not None:
+                self.give_back_buffer(buffer)
             raise _storage_error(exc, "writing to the spool") from exc
+        direct = bool(_O_DIRECT) and bool(fcntl.fcntl(fd, fcntl.F_GETFL) & _O_DIRECT)
+        if direct and not self.direct_io:       # a spare made before O_DIRECT was refused
+            _clear_direct(fd)
+            direct = False
+        if direct and buffer is None:
+            buffer = mmap.mmap(-1, DIRECT_BUFFER)   # (page-aligned, as O_DIRECT wants)
+        elif not direct and buffer is not None:
+            self.give_back_buffer(buffer)
+            buffer = None
+        return StageWriter(path, fd, fsync=self.fsync, buffer=buffer, spool=self)
+
+    def give_back_buffer(self, buffer: mmap.mmap) -> None:
+        """A StageWriter is done with its O_DIRECT buffer: keep it for the next one."""
+        with self._spare_lock:
+            if not self._closed and self.direct_io and len(self._buffers) < MAX_SPARES:
+                self._buffers.append(buffer)
+                return
+        buffer.close()
+
+    def direct_io_refused(self) -> None:
+        """A write with O_DIRECT was refused: write through the page cache from now on."""
+        with self._spare_lock:
+            if not self.direct_io:
+                return
+            self.direct_io = False
+            buffers, self._buffers = self._buffers, []
+        for buffer in buffers:
+            buffer.close()
+        log.warning("the spool's filesystem refused a write with O_DIRECT; "
+                    "writing through the page cache from now on")
 
     def make_spare(self) -> None:
         """Create an empty temporary file for a later :meth:`open_stage`, unless
@@ -211,13 +338,28 @@ class Spool:
         with self._spare_lock:
             self._closed = True
             spares, self._spares = self._spares, []
+            buffers, self._buffers = self._buffers, []
         for path, fd in spares:
             os.close(fd)
             path.unlink(missing_ok=True)
+        for buffer in buffers:
+            buffer.close()
 
     def _create_temp(self, suffix: str = ".part") -> tuple[Path, int]:
         temp = self._tmp / f"{self._name_prefix}-{next(self._name_counter)}{suffix}"
-        return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        if self.direct_io:
+            try:
+                return temp, os.open(temp, flags | _O_DIRECT, 0o640)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+            temp.unlink(missing_ok=True)    # (some filesystems create it, then refuse)
+            if self.direct_io:
+                self.direct_io = False
+                log.warning("the spool's filesystem does not take O_DIRECT; "
+                            "writing through the page cache")
+        return temp, os.open(temp, flags, 0o640)
 
     def commit(self, staged: StagedFile, rel_path: str) -> Path:
         """Move a staged file to its final name, durably. Replaces an existing file atomically."""
@@ -284,6 +426,10 @@ class Spool:
             for name in filenames:
                 if name.endswith(".dcm"):
                     yield (base / name).as_posix()
+
+
+def _clear_direct(fd: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
 
 
 def _fsync_dir(path: Path) -> None:

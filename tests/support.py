@@ -12,7 +12,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,21 @@ class NodeProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait(10)
+
+
+@contextmanager
+def tmpfs_mount(mount: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (mount's -o size=) at ``mount``, for disk-full tests (root only)."""
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"cannot mount a tmpfs for a disk-full test (needs root): "
+                           f"{result.stderr}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def half_written(tmp_dir: Path) -> list[Path]:

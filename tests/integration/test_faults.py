@@ -18,7 +18,7 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from node import synth
 from tests.integration.dbview import IndexView
-from tests.support import TCP_ENV, half_written, storescu, wait_for
+from tests.support import TCP_ENV, half_written, storescu, tmpfs_mount, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -98,14 +98,8 @@ def test_kill_9_during_transfer_loses_no_acknowledged_instance(
 
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Any:
-    mount = tmp_path / "spool"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs for the disk-full test (needs root): {result.stderr}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with tmpfs_mount(tmp_path / "spool", "3m") as mount:
+        yield mount
 
 
 def test_disk_full_answers_out_of_resources_and_recovers(
