@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,7 @@ def load_series(paths: Sequence[Path], *, spacing_tolerance: float = 0.05,
     uid = series_instance_uid or "(unknown)"
     datasets: list[Dataset] = []
     labels: list[str] = []
+    _read_ahead(paths)
     for path in paths:
         try:   # pixel data is read when a slice is decoded, then let go (see _pixels)
             ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
@@ -137,6 +139,26 @@ def load_series(paths: Sequence[Path], *, spacing_tolerance: float = 0.05,
         where = f" among {len(paths)} file(s)" if paths else ": no files given"
         raise VolumeError(f"series {uid}: no instances of the series{where}")
     return _assemble(datasets, labels, spacing_tolerance, owned=True), datasets
+
+
+def _read_ahead(paths: Sequence[Path]) -> None:
+    """Ask the kernel to start reading every file now. The receiver writes with O_DIRECT
+    (node/spool.py), so a new study is on disk, not in memory; read one by one, each file
+    would wait for the disk twice (header, then pixel data). Advice only: a file that
+    cannot be opened here is reported by the read that follows."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def volume_from_datasets(datasets: Sequence[Dataset], *,

@@ -363,3 +363,52 @@ def test_enhanced_multiframe_per_frame_rescale_and_missing_position(
     del enhanced.PerFrameFunctionalGroupsSequence[2].PlanePositionSequence
     _refused([enhanced], series.series_instance_uid, "frame 3",
              "PlanePositionSequence ImagePositionPatient is missing")
+
+
+def _resident_pages(path: Path) -> tuple[int, int]:
+    """(pages in the page cache, pages) of a file, by mincore(2)."""
+    import ctypes
+    import mmap
+    import os
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        vec = ctypes.create_string_buffer(pages)
+        assert libc.mincore(address, size, vec) == 0, ctypes.get_errno()
+        libc.munmap(address, size)
+    finally:
+        os.close(fd)
+    return sum(b & 1 for b in vec.raw), pages
+
+
+def test_reading_a_series_first_asks_the_kernel_to_read_all_its_files_ahead(
+        tmp_path: Path) -> None:
+    """The receiver writes with O_DIRECT, so a study's files are on disk, not in memory;
+    load_series starts the reads of every file before it reads the first."""
+    import os
+    import time
+    from node.inference import volume as volume_module
+    spec = SeriesSpec(slices=6, rows=128, columns=128, pixel_spacing_mm=0.7,
+                      slice_thickness_mm=1.0, seed=2)
+    files = write_study(make_study(spec, seed=2), tmp_path / "study")
+    for path in files:                       # out of the page cache (clean, so droppable)
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    if any(_resident_pages(p)[0] for p in files):
+        pytest.skip("this filesystem keeps files in memory (tmpfs?): nothing to read ahead")
+    volume_module._read_ahead([*files, tmp_path / "missing.dcm"])   # a missing one: no error
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(
+            _resident_pages(p)[0] < _resident_pages(p)[1] for p in files):
+        time.sleep(0.01)
+    assert [_resident_pages(p)[0] == _resident_pages(p)[1] for p in files] == [True] * len(files)
