@@ -19,7 +19,11 @@ Here:
   thread has nothing queued or in hand (:class:`WaitingDIMSE`), and its response, when
   it is a plain success, goes out pre-encoded, straight to the socket when nothing else
   is waiting to be sent; every other message is pynetdicom's;
-- PDUs are read with as few ``recv`` calls as the kernel allows (:class:`BulkReadSocket`).
+- PDUs are read with as few ``recv`` calls as the kernel allows (:class:`BulkReadSocket`);
+- an A-ASSOCIATE-RQ PDU whose bytes this process has decoded before is not decoded
+  again (:class:`RememberedRequest`): a sender proposes the same contexts every time,
+  and pynetdicom's decoding of dcmtk storescu's 128 contexts cost ~10 ms of CPU a
+  association, a third of all its set-up.
 
 Only acceptor associations made by our listener use these classes
 (:class:`WakingRequestHandler`); pynetdicom's state machine, association negotiation,
@@ -29,6 +33,8 @@ its service classes are its own. Measured in bench/RESULTS.md (issue 2).
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import queue
 import select
@@ -50,6 +56,8 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from adapters.pdata import DirectStore, MalformedPdu, PDataReader, p_data
@@ -60,6 +68,10 @@ MAX_WAIT = 0.01
 # Largest read BulkReadSocket allocates in one piece (a PDU header may claim up to 4 GiB:
 # anything above this is read as pynetdicom reads it, as it arrives).
 BULK_READ_MAX = 16 << 20
+# Distinct association requests a process keeps decoded (one per sender configuration).
+REMEMBERED_REQUESTS = 32
+_A_ASSOCIATE_RQ = b"\x01"        # PDU type
+_EVT6 = "Evt6"                   # PS3.8 9.2: A-ASSOCIATE-RQ PDU received
 _UNSET = object()
 
 log = logging.getLogger(__name__)
@@ -124,6 +136,17 @@ class WakingDUL(DULServiceProvider):
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)
         self._wake()
+
+    def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
+        """pynetdicom's, but an A-ASSOCIATE-RQ comes from :func:`remembered_request` (the
+        same events are triggered, with the same data)."""
+        if bytestream[:1] != _A_ASSOCIATE_RQ:
+            return super()._decode_pdu(bytestream)
+        data = bytes(bytestream)
+        evt.trigger(self.assoc, evt.EVT_DATA_RECV, {"data": data})
+        pdu = remembered_request(data)
+        evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
+        return pdu, _EVT6
 
     def _read_pdu_data(self) -> None:
         """P-DATA-TF PDUs of an established association go to adapters/pdata.py's reader,
@@ -396,9 +419,7 @@ class BulkReadSocket(AssociationSocket):
             return bytearray()
         if got == 0:
             return bytearray()            # closed: pynetdicom's loop sees it next
-        if got < nr_bytes:
-            return buffer[:got] + self.recv(nr_bytes - got)
-        return buffer
+        return self._fill(buffer, got)
 
     def recv(self, nr_bytes: int) -> bytearray:
         if self._pushback:
@@ -407,17 +428,63 @@ class BulkReadSocket(AssociationSocket):
             return bytearray(head) + rest
         if nr_bytes > BULK_READ_MAX:
             return super().recv(nr_bytes)
+        return self._fill(bytearray(nr_bytes), 0)
+
+    def _fill(self, buffer: bytearray, done: int) -> bytearray:
+        """Read into ``buffer`` after its first ``done`` bytes until it is full (shorter
+        only when the peer closed the connection)."""
         sock = cast(socket.socket, self.socket)
-        buffer = bytearray(nr_bytes)
-        done = 0
         with memoryview(buffer) as view:
-            while done < nr_bytes:
-                got = sock.recv_into(view[done:], nr_bytes - done)
+            while done < len(buffer):
+                got = sock.recv_into(view[done:], len(buffer) - done)
                 if not got:
                     break
                 done += got
         del buffer[done:]
         return buffer
+
+
+class RememberedRequest(A_ASSOCIATE_RQ):
+    """An A-ASSOCIATE-RQ PDU decoded once, with the primitive made from it once; shared by
+    every association that sends the same bytes, so never changed after it is made.
+    :meth:`to_primitive` gives each association a copy of its own."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__()
+        self.decode(data)
+        self._primitive = super().to_primitive()
+
+    def to_primitive(self) -> A_ASSOCIATE:
+        return cast(A_ASSOCIATE, _structure_copy(self._primitive))
+
+
+@functools.lru_cache(maxsize=REMEMBERED_REQUESTS)
+def remembered_request(data: bytes) -> RememberedRequest:
+    """The decoded A-ASSOCIATE-RQ PDU of these bytes (a bad one raises, and is not kept)."""
+    return RememberedRequest(data)
+
+
+_SHARED_VALUES = (str, bytes, int, float, tuple, type(None))   # str: UIDs and AE titles
+
+
+def _structure_copy(value: Any) -> Any:
+    """A copy of a primitive in which every list and object is new and the values
+    (strings, UIDs, numbers) are shared. Unlike copy.deepcopy, it never runs
+    pynetdicom's setters or UID() again, which are what made the decoding slow."""
+    if isinstance(value, _SHARED_VALUES):
+        return value
+    if isinstance(value, list):
+        return [_structure_copy(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _structure_copy(item) for key, item in value.items()}
+    if not hasattr(value, "__dict__"):
+        return copy.deepcopy(value)
+    new = copy.copy(value)
+    fields = vars(new)
+    for name, item in fields.items():
+        if not isinstance(item, _SHARED_VALUES):
+            fields[name] = _structure_copy(item)
+    return new
 
 
 def make_waking(assoc: Association) -> Association:

@@ -1,0 +1,164 @@
+"""adapters/reactor.py's remembered A-ASSOCIATE-RQ: the same primitive as pynetdicom's own
+decoding, a copy per association that shares nothing changeable, and real associations
+that use it (a second association with the same request is not decoded again)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MRImageStorage,
+)
+from pynetdicom import AE, build_context
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    AsynchronousOperationsWindowNegotiation,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+    SOPClassCommonExtendedNegotiation,
+    SOPClassExtendedNegotiation,
+    UserIdentityNegotiation,
+)
+
+from adapters.reactor import RememberedRequest, remembered_request
+from node.app import Node
+from node.db import SeriesRow
+from node.settings import load_settings
+from node.synth import SeriesSpec, make_study, write_study
+from tests.support import write_config
+
+_LEAVES = (str, bytes, int, float, tuple, type(None))
+
+
+def _request_bytes(calling: str = "MODALITY") -> bytes:
+    """An A-ASSOCIATE-RQ with every kind of item pynetdicom decodes."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = calling
+    primitive.called_ae_title = "PACSNODE"
+    contexts = [build_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                                               ExplicitVRBigEndian]),
+                build_context(MRImageStorage, [ImplicitVRLittleEndian])]
+    for number, context in enumerate(contexts):
+        context.context_id = 2 * number + 1
+    primitive.presentation_context_definition_list = contexts
+    items: list[Any] = []
+    item: Any = MaximumLengthNotification()
+    item.maximum_length_received = 262144
+    items.append(item)
+    item = ImplementationClassUIDNotification()
+    item.implementation_class_uid = "1.2.826.0.1.3680043.9.9999.1"
+    items.append(item)
+    item = ImplementationVersionNameNotification()
+    item.implementation_version_name = "TEST_1"
+    items.append(item)
+    item = SCP_SCU_RoleSelectionNegotiation()
+    item.sop_class_uid, item.scu_role, item.scp_role = CTImageStorage, True, True
+    items.append(item)
+    item = AsynchronousOperationsWindowNegotiation()
+    item.maximum_number_operations_invoked = 2
+    item.maximum_number_operations_performed = 3
+    items.append(item)
+    item = UserIdentityNegotiation()
+    item.user_identity_type, item.primary_field = 1, b"radiology"
+    items.append(item)
+    item = SOPClassExtendedNegotiation()
+    item.sop_class_uid, item.service_class_application_information = MRImageStorage, b"\x01\x00"
+    items.append(item)
+    item = SOPClassCommonExtendedNegotiation()
+    item.sop_class_uid = CTImageStorage
+    item.service_class_uid = "1.2.840.10008.4.2"
+    item.related_general_sop_class_identification = ["1.2.840.10008.5.1.4.1.1.2.1"]
+    items.append(item)
+    primitive.user_information = items
+    return bytes(A_ASSOCIATE_RQ(primitive).encode())
+
+
+def _shape(value: Any) -> Any:
+    """A comparable picture of a primitive: classes and fields, recursively."""
+    if isinstance(value, _LEAVES):
+        return value
+    if isinstance(value, list):
+        return [_shape(v) for v in value]
+    return (type(value).__name__, {k: _shape(v) for k, v in sorted(vars(value).items())})
+
+
+def _changeable(value: Any, found: set[int]) -> set[int]:
+    """ids of every list and object inside a primitive (its changeable parts)."""
+    if isinstance(value, _LEAVES):
+        return found
+    found.add(id(value))
+    for item in value if isinstance(value, list) else vars(value).values():
+        _changeable(item, found)
+    return found
+
+
+def test_the_remembered_primitive_is_pynetdicoms_own_decoding() -> None:
+    data = _request_bytes()
+    own = A_ASSOCIATE_RQ()
+    own.decode(data)
+    remembered = RememberedRequest(data)
+    assert _shape(remembered.to_primitive()) == _shape(own.to_primitive())
+    assert bytes(A_ASSOCIATE_RQ(remembered.to_primitive()).encode()) == data   # complete
+    assert (remembered.calling_ae_title, remembered.protocol_version) == ("MODALITY", 1)
+
+
+def test_each_association_gets_a_copy_that_shares_nothing_changeable() -> None:
+    remembered = RememberedRequest(_request_bytes())
+    first, second = remembered.to_primitive(), remembered.to_primitive()
+    assert _changeable(first, set()).isdisjoint(_changeable(second, set()))
+    first.presentation_context_definition_list[0].transfer_syntax.append("1.2.3")
+    first.user_information.clear()
+    assert second.presentation_context_definition_list[0].transfer_syntax == [
+        ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+    assert len(second.user_information) == 8
+
+
+def test_requests_are_remembered_by_their_exact_bytes() -> None:
+    a, b = _request_bytes("SENDER_A"), _request_bytes("SENDER_B")
+    assert remembered_request(a) is remembered_request(a)
+    assert remembered_request(b) is not remembered_request(a)
+    assert remembered_request(b).to_primitive().calling_ae_title == "SENDER_B"
+
+
+def test_a_second_association_with_the_same_request_is_not_decoded_again(
+        tmp_path: Path) -> None:
+    spec = SeriesSpec(slices=2, rows=32, columns=32, pixel_spacing_mm=0.7,
+                      slice_thickness_mm=1.0, seed=3)
+    study_a = write_study(make_study(spec, seed=3), tmp_path / "a")
+    study_b = write_study(make_study(spec, seed=4), tmp_path / "b")
+    cfg = write_config(tmp_path / "cfg", storage={
+        "spool": str(tmp_path / "spool"), "database": f"sqlite:///{tmp_path}/index.db",
+        "min_free_mb": 0})
+    node = Node(load_settings(cfg), spawn_worker=False)
+    node.start()
+    try:
+        remembered_request.cache_clear()
+        for calling, path in [("SENDER_C", study_a[0]), ("SENDER_C", study_a[1]),
+                              ("SENDER_D", study_b[0])]:
+            ae = AE(ae_title=calling)
+            ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+            assoc = ae.associate("127.0.0.1", node.receiver.port, ae_title="PACSNODE")
+            assert assoc.is_established
+            assert assoc.send_c_store(dcmread(path)).Status == 0x0000
+            assoc.release()
+        info = remembered_request.cache_info()
+        assert (info.misses, info.hits) == (2, 1)
+        with Session(node.engine) as session:
+            callers = {study: caller for study, caller in session.execute(
+                select(SeriesRow.study_instance_uid, SeriesRow.calling_ae_title))}
+        assert callers == {dcmread(study_a[0]).StudyInstanceUID: "SENDER_C",
+                           dcmread(study_b[0]).StudyInstanceUID: "SENDER_D"}
+    finally:
+        node.stop()
