@@ -14,12 +14,15 @@ to each receiver in turn, every receiver on 127.0.0.1 with fresh, empty storage:
   ``--baseline REV`` adds pacsnode as of REV, with ``--baseline-listeners N`` processes.
 
 The clock runs from the start of storescu until the last storescu exits. Each receiver
-must then hold all N instances, or the run fails. The table goes to stdout and is
+must then hold all N instances, or the run fails. ``--warmup K`` first sends K instances
+per association of another series the same way, untimed, so that the timed send meets
+a receiver that has served associations before (a running node) rather than one that
+has just started; without it the timed send is the receiver's first. The table goes to stdout and is
 appended to bench/RESULTS.md with the machine, the date (UTC) and the command.
 
     .venv/bin/python bench/ingest.py [--slices 300] [--size 512] [--repeat 1] [--parallel 1]
                                      [--listeners 1 2] [--baseline REV]
-                                     [--baseline-listeners 1]
+                                     [--baseline-listeners 1] [--warmup 0]
 """
 
 from __future__ import annotations
@@ -249,14 +252,17 @@ def measure(name: str, files: Sequence[Path], nbytes: int, args: argparse.Namesp
             w, args.baseline_tree, args.baseline_name, listeners=args.baseline_listeners)
     receiver = starters[name](work)
     try:
+        if args.warmup_files:
+            (work / "warmup").mkdir()
+            send(receiver, args.warmup_files, args.parallel, work / "warmup")
         os.sync()  # start every receiver with no dirty pages left by the previous one
         cpu = cpu_seconds(receiver.pid)
         seconds = send(receiver, files, args.parallel, work)
         cpu = cpu_seconds(receiver.pid) - cpu
-        held = receiver.count()
-        if held != len(files):
+        held, expected = receiver.count(), len(files) + len(args.warmup_files)
+        if held != expected:
             raise RuntimeError(f"{name} holds {held} instance(s) after the send, "
-                               f"expected {len(files)}; see {work}")
+                               f"expected {expected}; see {work}")
     finally:
         receiver.stop()
     return Run(name, seconds, len(files), nbytes, cpu, children_stored(work / "spool"))
@@ -316,8 +322,9 @@ def report(args: argparse.Namespace, runs: Sequence[Run], nbytes: int, temp: Pat
     senders = f"{args.parallel} storescu processes" if args.parallel > 1 else "1 storescu"
     storescp_mode = "normal (parse + re-encode)" if args.storescp_normal else "+B bit-preserving"
     detail = "; ".join(f"{r.receiver} {r.seconds:.2f} s (CPU {r.cpu_seconds:.2f} s"
-                       + (f", {r.by_children} by children" if r.by_children is not None
-                          else "") + ")" for r in runs)
+                       + (f", {r.by_children} by children"
+                          + (" with the warm-up" if args.warmup else "")
+                          if r.by_children is not None else "") + ")" for r in runs)
     return "\n".join([
         (f"## {now}: {args.slices} × {args.size}×{args.size} CT, {senders}, "
          f"median of {args.repeat}"),
@@ -332,6 +339,9 @@ def report(args: argparse.Namespace, runs: Sequence[Run], nbytes: int, temp: Pat
          "directory, SQLite index)"
          + "".join(f"; {pacsnode_name(n)}: the same with listener_processes = {n}"
                    for n in args.listeners if n > 1)),
+        (f"- warm-up: before the timed send, {args.warmup} instance(s) of another series "
+         f"per association, over {args.parallel} association(s) the same way, untimed"
+         if args.warmup else "- warm-up: none (the timed send is the receiver's first)"),
         ("- runs' files: kept until the end of the benchmark (no receiver creates files"
          " right after another's were deleted)" if args.keep_runs else
          "- runs' files: removed after each run (not enough free space to keep them)"),
@@ -384,10 +394,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "interleaved with the others: before/after in one run")
     p.add_argument("--baseline-listeners", type=int, default=1, metavar="N",
                    help="the baseline's [node] listener_processes (default 1)")
+    p.add_argument("--warmup", type=int, default=0, metavar="K",
+                   help="first send K instances per association of another series, untimed "
+                        "(default 0: the timed send is the receiver's first)")
     p.add_argument("--tmpdir", help="where the temp folders go (default: $TMPDIR or /tmp)")
     p.add_argument("--results", type=Path, default=RESULTS, help="file the table is appended to")
     p.add_argument("--no-append", action="store_true", help="print only")
     args = p.parse_args(argv)
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
     if min(args.slices, args.size, args.repeat, args.parallel, args.baseline_listeners,
            *args.listeners) < 1:
         p.error("--slices, --size, --repeat, --parallel, --listeners and "
@@ -407,6 +422,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       columns=args.size), seed=1)
         files = write_study(study, temp / "study")
         nbytes = sum(f.stat().st_size for f in files)
+        args.warmup_files = write_study(make_study(SeriesSpec(
+            modality="CT", slices=args.warmup * args.parallel, rows=args.size,
+            columns=args.size), seed=2), temp / "warmup") if args.warmup else []
         print(f"generated {len(files)} instances, {nbytes / 1e6:.1f} MB in "
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
         args.baseline_tree = None
