@@ -44,6 +44,7 @@ MAX_SPARES = 8            # at most this many kept ready (one per association st
 # size in use; 512-byte devices take it too). The buffer gathers pieces into such blocks.
 DIRECT_ALIGN = 4096
 DIRECT_BUFFER = 1 << 20   # bytes gathered before a write; one buffer per file being written
+MAX_BUFFERS = 16          # buffers kept for reuse (the default max_associations)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
@@ -296,7 +297,7 @@ class Spool:
     def give_back_buffer(self, buffer: mmap.mmap) -> None:
         """A StageWriter is done with its O_DIRECT buffer: keep it for the next one."""
         with self._spare_lock:
-            if not self._closed and self.direct_io and len(self._buffers) < MAX_SPARES:
+            if not self._closed and self.direct_io and len(self._buffers) < MAX_BUFFERS:
                 self._buffers.append(buffer)
                 return
         buffer.close()

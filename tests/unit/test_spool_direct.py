@@ -8,13 +8,14 @@ import fcntl
 import logging
 import os
 import random
+import threading
 from pathlib import Path
 
 import pytest
 
 from node import spool as spool_module
 from node.errors import StorageFullError
-from node.spool import DIRECT_ALIGN, DIRECT_BUFFER, MAX_SPARES, Spool
+from node.spool import DIRECT_ALIGN, DIRECT_BUFFER, Spool
 from tests.support import half_written, tmpfs_mount
 
 
@@ -63,9 +64,33 @@ def test_direct_writes_keep_every_byte_for_any_sizes_and_pieces(
         assert direct, "the file was not opened with O_DIRECT"
         assert staged_size == size and final.read_bytes() == data, size
     assert spool.direct_io                          # never refused on the way
-    assert len(spool._buffers) <= MAX_SPARES        # buffers are reused, not piled up
+    assert len(spool._buffers) == 1                 # one buffer, reused file after file
     spool.close()
     assert spool._buffers == []
+
+
+def test_writers_at_the_same_time_each_get_a_buffer_of_their_own(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.prepare()
+    results: dict[int, list[tuple[bytes, Path]]] = {}
+
+    def write_three(number: int) -> None:
+        rng = random.Random(number)
+        results[number] = []
+        for _ in range(3):
+            data = rng.randbytes(DIRECT_BUFFER + rng.randrange(DIRECT_BUFFER))
+            final, _, _ = _write(spool, data, [rng.randrange(1, 200_000)])
+            results[number].append((data, final))
+
+    threads = [threading.Thread(target=write_three, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(results) == list(range(6))
+    assert all(final.read_bytes() == data for done in results.values() for data, final in done)
+    assert 1 <= len(spool._buffers) <= 6            # at most one per writer at a time
+    spool.close()
 
 
 def test_direct_io_off_writes_through_the_page_cache(tmp_path: Path) -> None:
