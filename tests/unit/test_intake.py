@@ -382,3 +382,20 @@ def test_a_new_series_folder_is_made_durable_with_its_first_file(
     commit("1.2/1.2.4/1.2.4.1.dcm")                 # a new series of a known study
     assert synced == [tmp_path / "1.2" / "1.2.4", tmp_path / "1.2"]
     assert (tmp_path / "1.2" / "1.2.4" / "1.2.4.1.dcm").read_bytes() == b"x"
+
+
+def test_the_common_index_statements_are_compiled_when_intake_starts(tmp_path: Path) -> None:
+    """Intake compiles the SQLite fast path's statements up front, with the very column
+    lists that storing uses: storing after that compiles nothing more (insert, update)."""
+    from node import intake as intake_module
+    intake_module._sqlite_sql.cache_clear()
+    rig = Rig(tmp_path)
+    compiled = intake_module._sqlite_sql.cache_info().misses
+    assert compiled == 5
+    series = small_series(3)
+    for ds in series.datasets:                  # the first creates study and series rows
+        rig.intake.store(encode(ds))
+    changed = series.datasets[2].copy()
+    changed.SeriesDescription = "changed"       # the same UID again: the update path
+    assert rig.intake.store(encode(changed)).result is StoreResultValues.REPLACED
+    assert intake_module._sqlite_sql.cache_info().misses == compiled
