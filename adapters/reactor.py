@@ -22,7 +22,7 @@ Here:
 - PDUs are read with as few ``recv`` calls as the kernel allows (:class:`BulkReadSocket`);
 - an A-ASSOCIATE-RQ PDU whose bytes this process has decoded before is not decoded
   again (:class:`RememberedRequest`): a sender proposes the same contexts every time,
-  and pynetdicom's decoding of dcmtk storescu's 128 contexts cost ~10 ms of CPU a
+  and pynetdicom's decoding of dcmtk storescu's 128 contexts cost ~10 ms of CPU per
   association, a third of all its set-up.
 
 Only acceptor associations made by our listener use these classes

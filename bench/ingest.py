@@ -17,8 +17,9 @@ The clock runs from the start of storescu until the last storescu exits. Each re
 must then hold all N instances, or the run fails. ``--warmup K`` first sends K instances
 per association of another series the same way, untimed, so that the timed send meets
 a receiver that has served associations before (a running node) rather than one that
-has just started; without it the timed send is the receiver's first. The table goes to stdout and is
-appended to bench/RESULTS.md with the machine, the date (UTC) and the command.
+has just started; without it the timed send is the receiver's first. The table goes to
+stdout and is appended to bench/RESULTS.md with the machine, the date (UTC) and the
+command.
 
     .venv/bin/python bench/ingest.py [--slices 300] [--size 512] [--repeat 1] [--parallel 1]
                                      [--listeners 1 2] [--baseline REV]
