@@ -130,9 +130,10 @@ class Intake:
         """
         self._check_open()
         # The writer runs while this thread parses the header, but it needs the GIL to get
-        # going, which parsing would hold: wait until its write is done and only the
-        # fsync (which releases the GIL) is left, then parse and hash beside the fsync
-        # (sha256 of a 512 KB instance is ~0.3 ms; it releases the GIL too).
+        # going, which parsing would hold: wait until it has the bytes and only their way
+        # to the disk is left (the O_DIRECT write and the fsync release the GIL), then
+        # parse and hash beside it (sha256 of a 512 KB instance is ~0.3 ms; it releases
+        # the GIL too).
         fsyncing = threading.Event()
         writing = self._writers.submit(self._stage, data, fsyncing)
         fsyncing.wait()

@@ -232,7 +232,7 @@ class Spool:
         self._name_counter = itertools.count()
         # Creating a file costs ~0.2 ms (a new inode): make_spare creates them ahead, at
         # a moment the caller has nothing else to do, so that open_stage takes one ready.
-        self._spares: list[tuple[Path, int]] = []
+        self._spares: list[tuple[Path, int, bool]] = []     # (path, fd, opened O_DIRECT)
         self._buffers: list[mmap.mmap] = []     # aligned buffers for O_DIRECT, reused
         self._spare_lock = threading.Lock()
         self._closed = False
@@ -257,7 +257,9 @@ class Spool:
               digest: bool = True) -> StagedFile:
         """Write ``data`` to a temporary file and fsync it. Raises StorageFullError/StorageError.
 
-        ``before_fsync`` is called once the bytes are written and only the fsync is left.
+        ``before_fsync`` is called once the bytes are handed over and only their way to
+        the disk is left (with direct I/O the write itself, then the fsync: both release
+        the GIL).
         ``digest=False`` leaves ``sha256`` empty for a caller that hashes the bytes itself
         (beside the fsync, on another thread).
         """
@@ -276,23 +278,21 @@ class Spool:
             )
         with self._spare_lock:
             spare = self._spares.pop() if self._spares else None
-            buffer = self._buffers.pop() if self._buffers and self.direct_io else None
         try:
-            path, fd = spare if spare is not None else self._create_temp()
+            path, fd, direct = spare if spare is not None else self._create_temp()
         except OSError as exc:
-            if buffer is not None:
-                self.give_back_buffer(buffer)
             raise _storage_error(exc, "writing to the spool") from exc
-        direct = bool(_O_DIRECT) and bool(fcntl.fcntl(fd, fcntl.F_GETFL) & _O_DIRECT)
         if direct and not self.direct_io:       # a spare made before O_DIRECT was refused
             _clear_direct(fd)
             direct = False
-        if direct and buffer is None:
-            buffer = mmap.mmap(-1, DIRECT_BUFFER)   # (page-aligned, as O_DIRECT wants)
-        elif not direct and buffer is not None:
-            self.give_back_buffer(buffer)
-            buffer = None
-        return StageWriter(path, fd, fsync=self.fsync, buffer=buffer, spool=self)
+        return StageWriter(path, fd, fsync=self.fsync, spool=self,
+                           buffer=self._take_buffer() if direct else None)
+
+    def _take_buffer(self) -> mmap.mmap:
+        with self._spare_lock:
+            if self._buffers:
+                return self._buffers.pop()
+        return mmap.mmap(-1, DIRECT_BUFFER)     # (page-aligned, as O_DIRECT wants)
 
     def give_back_buffer(self, buffer: mmap.mmap) -> None:
         """A StageWriter is done with its O_DIRECT buffer: keep it for the next one."""
@@ -340,18 +340,19 @@ class Spool:
             self._closed = True
             spares, self._spares = self._spares, []
             buffers, self._buffers = self._buffers, []
-        for path, fd in spares:
+        for path, fd, _ in spares:
             os.close(fd)
             path.unlink(missing_ok=True)
         for buffer in buffers:
             buffer.close()
 
-    def _create_temp(self, suffix: str = ".part") -> tuple[Path, int]:
+    def _create_temp(self, suffix: str = ".part") -> tuple[Path, int, bool]:
+        """A new temporary file: its path, descriptor, and whether it has O_DIRECT."""
         temp = self._tmp / f"{self._name_prefix}-{next(self._name_counter)}{suffix}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         if self.direct_io:
             try:
-                return temp, os.open(temp, flags | _O_DIRECT, 0o640)
+                return temp, os.open(temp, flags | _O_DIRECT, 0o640), True
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
@@ -360,7 +361,7 @@ class Spool:
                 self.direct_io = False
                 log.warning("the spool's filesystem does not take O_DIRECT; "
                             "writing through the page cache")
-        return temp, os.open(temp, flags, 0o640)
+        return temp, os.open(temp, flags, 0o640), False
 
     def commit(self, staged: StagedFile, rel_path: str) -> Path:
         """Move a staged file to its final name, durably. Replaces an existing file atomically."""
