@@ -97,7 +97,10 @@ class InstanceRow(Base):
     number_of_frames: Mapped[int | None] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(Text)
     size: Mapped[int] = mapped_column(BigInteger)
-    sha256: Mapped[str] = mapped_column(String(64))
+    # BLAKE3 of the file's bytes, "blake3:<hex>" (node/digest.py); rows indexed before
+    # digests became BLAKE3 have it empty and their SHA-256 in sha256 (empty otherwise)
+    digest: Mapped[str | None] = mapped_column(String(80))
+    sha256: Mapped[str] = mapped_column(String(64), default="")
     generation: Mapped[int] = mapped_column(Integer, default=1)
     received_at: Mapped[datetime] = mapped_column(DateTime)
 
@@ -221,7 +224,8 @@ def _add_missing_columns(engine: Engine) -> None:
     """Columns added after a table was first created (additive changes only; a new
     table, such as ``deliveries``, is created by ``create_all``)."""
     added = {("jobs", "queue"): "VARCHAR(32) NOT NULL DEFAULT 'default'",
-             ("jobs", "owner"): "VARCHAR(128)"}
+             ("jobs", "owner"): "VARCHAR(128)",
+             ("instances", "digest"): "VARCHAR(80)"}
     inspector = inspect(engine)
     with engine.begin() as conn:
         for (table, column), ddl in added.items():

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import logging
 import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from node.db import InstanceRow, SeriesRow, StudyRow, begin_write
+from node.digest import digest_of, hasher, hexdigest, same_content
 from node.domain import (
     AssociationInfo,
     InstanceHeader,
@@ -42,7 +43,8 @@ log = logging.getLogger(__name__)
 
 _RECEIVING = UnitStateValues.RECEIVING.value
 # Built once: constructing SQLAlchemy statements costs more than running them.
-_SELECT_SHA = select(InstanceRow.sha256).where(InstanceRow.sop_instance_uid == bindparam("uid"))
+_SELECT_DIGEST = select(InstanceRow.digest, InstanceRow.sha256).where(
+    InstanceRow.sop_instance_uid == bindparam("uid"))
 _TOUCH_STUDY = (
     update(StudyRow)
     .where(StudyRow.study_instance_uid == bindparam("uid"), StudyRow.state == _RECEIVING)
@@ -132,7 +134,7 @@ class Intake:
         # The writer runs while this thread parses the header, but it needs the GIL to get
         # going, which parsing would hold: wait until it has the bytes and only their way
         # to the disk is left (the O_DIRECT write and the fsync release the GIL), then
-        # parse and hash beside it (sha256 of a 512 KB instance is ~0.3 ms; it releases
+        # parse and hash beside it (BLAKE3 of a 512 KB instance is ~0.1 ms; it releases
         # the GIL too).
         fsyncing = threading.Event()
         writing = self._writers.submit(self._stage, data, fsyncing)
@@ -145,14 +147,14 @@ class Intake:
                 raise DatasetMismatchError(
                     f"Study Instance UID in the data set ({header.study_instance_uid}) differs "
                     f"from the study in the request ({expected_study_instance_uid})")
-            digest = hashlib.sha256(data).hexdigest()
+            digest = digest_of(data)
         except IntakeError:
             try:
                 self.spool.discard(writing.result())
             except IntakeError:
                 pass
             raise
-        return self._commit(header, dataclasses.replace(writing.result(), sha256=digest), peer)
+        return self._commit(header, dataclasses.replace(writing.result(), digest=digest), peer)
 
     def receive(
         self,
@@ -243,7 +245,7 @@ class Intake:
             if conn.dialect.name == "sqlite":
                 try:
                     done = _index_sqlite_common(conn.connection.dbapi_connection, header,
-                                                rel, staged, now)
+                                                rel, staged, now, self._sha256_of(rel))
                 except IntakeError:
                     self._drop_connection()
                     raise
@@ -251,8 +253,10 @@ class Intake:
                     return done
             with conn.begin():
                 begin_write(conn)   # listener processes index the same series at once
-                existing = conn.scalar(_SELECT_SHA, {"uid": header.sop_instance_uid})
-                if existing == staged.sha256:
+                existing = conn.execute(_SELECT_DIGEST,
+                                        {"uid": header.sop_instance_uid}).first()
+                if existing is not None and same_content(existing[0], existing[1], staged.digest,
+                                                         self._sha256_of(rel)):
                     return StoreOutcome(StoreResultValues.DUPLICATE, header, rel, staged.size)
                 generation = self._touch_receiving(conn, header, now)
                 if generation is None:
@@ -274,6 +278,11 @@ class Intake:
             self._drop_connection()
             raise StorageError(f"indexing failed: {exc}") from exc
         return _written(existing, header, rel, staged)
+
+    def _sha256_of(self, rel: str) -> Callable[[], str | None]:
+        """SHA-256 of the file just moved to ``rel`` (the new bytes), computed only if
+        called: for an instance whose row predates BLAKE3 digests (node/digest.py)."""
+        return functools.partial(self.spool.sha256_of, rel)
 
     def _undo(self, rel: str, *, previous: Path | None) -> None:
         """The file could not be indexed (or moved): put the spool back as it was."""
@@ -367,7 +376,7 @@ class Intake:
             except (OSError, ValueError) as exc:
                 log.error("spool file %s cannot be indexed (%s); left in place", rel, exc)
                 continue
-            staged = StagedFile(path, len(data), hashlib.sha256(data).hexdigest())
+            staged = StagedFile(path, len(data), digest_of(data))
             with self._lock, Session(self.engine) as session, session.begin():
                 begin_write(session.connection())
                 if session.get(InstanceRow, header.sop_instance_uid) is not None:
@@ -399,8 +408,8 @@ def _check_request(header: InstanceHeader, sop_instance_uid: str | None,
 # The keys of _instance_values, in its order (tests/unit/test_intake.py checks).
 INSTANCE_COLUMNS = ("sop_instance_uid", "series_instance_uid", "sop_class_uid",
                     "transfer_syntax_uid", "instance_number", "position_x", "position_y",
-                    "position_z", "orientation", "number_of_frames", "path", "size", "sha256",
-                    "generation", "received_at")
+                    "position_z", "orientation", "number_of_frames", "path", "size", "digest",
+                    "sha256", "generation", "received_at")
 
 
 def _instance_values(
@@ -422,7 +431,8 @@ def _instance_values(
         "number_of_frames": h.number_of_frames,
         "path": rel,
         "size": staged.size,
-        "sha256": staged.sha256,
+        "digest": staged.digest,
+        "sha256": "",           # (rows from before BLAKE3 digests only)
         "generation": generation,
         "received_at": now,
     }
@@ -443,7 +453,7 @@ class IncomingInstance:
         self._peer = peer
         self._expected = (expected_sop_instance_uid, expected_sop_class_uid)
         self._pieces: list[bytes | memoryview] = [prefix]
-        self._sha = hashlib.sha256(prefix)
+        self._hasher = hasher(prefix)
         self._header: InstanceHeader | None = None
         self._error: IntakeError | None = None
         self._writer: StageWriter | None = None
@@ -459,7 +469,7 @@ class IncomingInstance:
         self._pieces.append(piece)
         if self._error is not None:
             return
-        self._sha.update(piece)
+        self._hasher.update(piece)
         try:
             assert self._writer is not None
             self._writer.write(piece)
@@ -480,7 +490,7 @@ class IncomingInstance:
         try:
             header = self._header or read_header(b"".join(self._pieces))
             _check_request(header, *self._expected)
-            staged = writer.finish(self._sha.hexdigest())
+            staged = writer.finish(hexdigest(self._hasher))
         except IntakeError:
             writer.discard()
             raise
@@ -503,7 +513,7 @@ def _operational_failure(error: object) -> IntakeError:
     return StorageError(f"indexing failed: {error}")
 
 
-def _written(existing: str | None, header: InstanceHeader, rel: str,
+def _written(existing: object | None, header: InstanceHeader, rel: str,
              staged: StagedFile) -> StoreOutcome:
     """The outcome of an index write that inserted (no row before) or replaced a row."""
     result = StoreResultValues.STORED if existing is None else StoreResultValues.REPLACED
@@ -531,7 +541,7 @@ def _sqlite_sql(statement: Any, columns: tuple[str, ...] = ()) -> tuple[str, dic
 def compile_common_statements() -> None:
     """Compile the statements of :func:`_index_sqlite_common` now, as it will use them:
     a process's first instance would otherwise pay for it (~17 ms of CPU)."""
-    for statement in (_SELECT_SHA, _TOUCH_STUDY, _TOUCH_SERIES):
+    for statement in (_SELECT_DIGEST, _TOUCH_STUDY, _TOUCH_SERIES):
         _sqlite_sql(statement, ())          # (as _bound calls it: the cache key has the ())
     _sqlite_sql(_INSERT_INSTANCE, INSTANCE_COLUMNS)
     update = tuple(c for c in INSTANCE_COLUMNS if c != "sop_instance_uid")
@@ -544,7 +554,8 @@ def _sqlite_time(value: datetime) -> str:
 
 
 def _index_sqlite_common(dbapi: Any, header: InstanceHeader, rel: str, staged: StagedFile,
-                         now: datetime) -> StoreOutcome | None:
+                         now: datetime, sha256_of_new: Callable[[], str | None],
+                         ) -> StoreOutcome | None:
     """:meth:`Intake._index` for the common case, or None (nothing changed) when the study
     or series is new or complete: the general path then does it all."""
     stamp = _sqlite_time(now)
@@ -552,9 +563,10 @@ def _index_sqlite_common(dbapi: Any, header: InstanceHeader, rel: str, staged: S
     try:
         cur.execute("BEGIN IMMEDIATE")   # as begin_write: read-then-write, one step
         try:
-            row = cur.execute(*_bound(_SELECT_SHA, uid=header.sop_instance_uid)).fetchone()
-            existing = row[0] if row is not None else None
-            if existing == staged.sha256:
+            existing = cur.execute(*_bound(_SELECT_DIGEST, uid=header.sop_instance_uid)
+                                   ).fetchone()
+            if existing is not None and same_content(existing[0], existing[1], staged.digest,
+                                                     sha256_of_new):
                 dbapi.commit()
                 return StoreOutcome(StoreResultValues.DUPLICATE, header, rel, staged.size)
             touched = cur.execute(*_bound(_TOUCH_STUDY, uid=header.study_instance_uid,

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from node.digest import digest_of, digest_of_file, sha256_of_file
 from node.errors import StorageError, StorageFullError
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def relative_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
 class StagedFile:
     temp_path: Path
     size: int
-    sha256: str
+    digest: str     # node/digest.py's form; empty where the caller computes it itself
 
 
 class StageWriter:
@@ -124,7 +125,7 @@ class StageWriter:
             self.discard()
             raise _storage_error(exc, "writing to the spool") from exc
 
-    def finish(self, sha256: str) -> StagedFile:
+    def finish(self, digest: str) -> StagedFile:
         """fsync and close: the bytes are on disk under the temporary name."""
         if self._fd is None:
             raise StorageError("writing to the spool: the file is already closed")
@@ -137,7 +138,7 @@ class StageWriter:
             self.discard()
             raise _storage_error(exc, "writing to the spool") from exc
         self._close()
-        return StagedFile(self.path, self.size, sha256)
+        return StagedFile(self.path, self.size, digest)
 
     def discard(self) -> None:
         self._close()
@@ -260,14 +261,14 @@ class Spool:
         ``before_fsync`` is called once the bytes are handed over and only their way to
         the disk is left (with direct I/O the write itself, then the fsync: both release
         the GIL).
-        ``digest=False`` leaves ``sha256`` empty for a caller that hashes the bytes itself
+        ``digest=False`` leaves the digest empty for a caller that hashes the bytes itself
         (beside the fsync, on another thread).
         """
         writer = self.open_stage(len(data))
         writer.write(data)
         if before_fsync is not None:
             before_fsync()
-        return writer.finish(hashlib.sha256(data).hexdigest() if digest else "")
+        return writer.finish(digest_of(data) if digest else "")
 
     def open_stage(self, expected_size: int = 0) -> StageWriter:
         """A temporary file to write piece by piece (:class:`StageWriter`), for data that
@@ -414,11 +415,16 @@ class Spool:
     def remove(self, rel_path: str) -> None:
         (self.root / rel_path).unlink(missing_ok=True)
 
-    def sha256_of(self, rel_path: str) -> str | None:
+    def digest_of(self, rel_path: str) -> str | None:
+        """The digest (node/digest.py) of a committed file; None when it is gone."""
         try:
-            return hashlib.sha256((self.root / rel_path).read_bytes()).hexdigest()
+            return digest_of_file(self.root / rel_path)
         except FileNotFoundError:
             return None
+
+    def sha256_of(self, rel_path: str) -> str | None:
+        """SHA-256 of a committed file (index rows from before BLAKE3); None when gone."""
+        return sha256_of_file(self.root / rel_path)
 
     def iter_files(self) -> Iterator[str]:
         """Relative paths of every committed file (for reconciliation with the index)."""

@@ -6,6 +6,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -236,7 +237,6 @@ def test_the_sqlite_common_case_writes_what_the_general_path_writes(
 
 def test_concurrent_versions_of_one_instance_leave_file_and_row_in_agreement(
         tmp_path: Path) -> None:
-    import hashlib
     import threading
 
     rig = Rig(tmp_path)
@@ -261,7 +261,7 @@ def test_concurrent_versions_of_one_instance_leave_file_and_row_in_agreement(
             row = s.get(InstanceRow, ds.SOPInstanceUID)
         assert row is not None
         on_disk = (rig.spool.root / row.path).read_bytes()
-        assert hashlib.sha256(on_disk).hexdigest() == row.sha256
+        assert "blake3:" + blake3.blake3(on_disk).hexdigest() == row.digest
         assert on_disk in versions
     assert _count(rig) == 1
     assert sum(1 for _ in rig.spool.iter_files()) == 1
@@ -282,8 +282,10 @@ def _meta_end(data: bytes) -> int:
 def test_receive_in_pieces_stores_what_store_would(tmp_path: Path, size: int) -> None:
     rig = Rig(tmp_path)
     other = Rig(tmp_path / "whole")
+    expected = {}
     for ds in small_series(2).datasets:
         data = encode(ds)
+        expected[ds.SOPInstanceUID] = "blake3:" + blake3.blake3(data).hexdigest()
         meta_end = _meta_end(data)
         incoming = rig.intake.receive(data[:meta_end], expected_sop_instance_uid=ds.SOPInstanceUID,
                                       expected_sop_class_uid=ds.SOPClassUID)
@@ -294,9 +296,10 @@ def test_receive_in_pieces_stores_what_store_would(tmp_path: Path, size: int) ->
         assert outcome == dataclasses.replace(whole, path=outcome.path)
         assert (rig.spool.root / outcome.path).read_bytes() == data
     with Session(rig.engine) as s:
-        rows = {r.sop_instance_uid: r.sha256 for r in s.scalars(select(InstanceRow))}
+        rows = {r.sop_instance_uid: r.digest for r in s.scalars(select(InstanceRow))}
     with Session(other.engine) as s:
-        assert rows == {r.sop_instance_uid: r.sha256 for r in s.scalars(select(InstanceRow))}
+        assert rows == {r.sop_instance_uid: r.digest for r in s.scalars(select(InstanceRow))}
+    assert rows == expected
     assert half_written(rig.spool.root / ".tmp") == []
 
 
