@@ -23,7 +23,6 @@ from pathlib import Path
 import blake3
 
 PREFIX = "blake3:"
-_READ_CHUNK = 1 << 20
 
 
 def hasher(data: bytes | bytearray | memoryview = b"") -> blake3.blake3:
@@ -39,15 +38,6 @@ def hexdigest(state: blake3.blake3) -> str:
 
 def digest_of(data: bytes | bytearray | memoryview) -> str:
     return hexdigest(hasher(data))
-
-
-def digest_of_file(path: Path) -> str:
-    """The digest of a file's bytes, read in pieces (raises OSError)."""
-    state = hasher()
-    with path.open("rb") as file:
-        while chunk := file.read(_READ_CHUNK):
-            state.update(chunk)
-    return hexdigest(state)
 
 
 def same_content(stored_digest: str | None, stored_sha256: str | None, digest: str,

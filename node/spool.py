@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node.digest import digest_of, digest_of_file, sha256_of_file
+from node.digest import digest_of, sha256_of_file
 from node.errors import StorageError, StorageFullError
 
 log = logging.getLogger(__name__)
@@ -414,13 +414,6 @@ class Spool:
 
     def remove(self, rel_path: str) -> None:
         (self.root / rel_path).unlink(missing_ok=True)
-
-    def digest_of(self, rel_path: str) -> str | None:
-        """The digest (node/digest.py) of a committed file; None when it is gone."""
-        try:
-            return digest_of_file(self.root / rel_path)
-        except FileNotFoundError:
-            return None
 
     def sha256_of(self, rel_path: str) -> str | None:
         """SHA-256 of a committed file (index rows from before BLAKE3); None when gone."""

@@ -13,7 +13,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.orm import Session
 
 from node.db import InstanceRow, make_engine
-from node.digest import digest_of, digest_of_file, same_content
+from node.digest import digest_of, same_content
 from node.domain import StoreResultValues
 from tests.unit.helpers import Rig, encode, small_series
 
@@ -25,13 +25,6 @@ def test_digest_is_blake3_with_its_name() -> None:
     assert digest_of(b"") == "blake3:" + EMPTY
     data = os.urandom(100_000)
     assert digest_of(memoryview(data)) == "blake3:" + blake3.blake3(data).hexdigest()
-
-
-def test_file_digest_reads_in_pieces_the_same(tmp_path: Path) -> None:
-    data = os.urandom(3 * (1 << 20) + 12345)      # more than one read, odd tail
-    path = tmp_path / "f"
-    path.write_bytes(data)
-    assert digest_of_file(path) == digest_of(data)
 
 
 def test_same_content_uses_sha256_only_for_old_rows() -> None:
