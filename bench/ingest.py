@@ -289,15 +289,28 @@ def table(runs: Sequence[Run], receivers: Sequence[str]) -> str:
     def ratio(name: str, ref: str) -> str:
         return f"{rate[name] / rate[ref]:.2f}" if ref in rate else "—"
 
-    lines = ["| receiver | seconds | instances/s | MB/s | × Orthanc | × storescp "
-             "| receiver CPU ms/instance |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| receiver | seconds | instances/s | MB/s | × Orthanc | × Orthanc by round "
+             "| × storescp | receiver CPU ms/instance |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in best.items():
         cpu = statistics.median(x.cpu_seconds for x in runs if x.receiver == name)
         lines.append(f"| {name} | {r.seconds:.2f} | {rate[name]:.1f} | "
                      f"{r.nbytes / r.seconds / 1e6:.1f} | {ratio(name, 'orthanc')} | "
+                     f"{round_ratios(runs, name, 'orthanc')} | "
                      f"{ratio(name, 'storescp')} | {cpu / r.instances * 1e3:.2f} |")
     return "\n".join(lines)
+
+
+def round_ratios(runs: Sequence[Run], name: str, ref: str) -> str:
+    """The lowest and highest rate ratio of ``name`` to ``ref`` within one round (the
+    receivers run one after the other in each round, so a round's two runs saw the
+    machine in the same state): how far the median ratio can be trusted."""
+    mine = [r for r in runs if r.receiver == name]
+    theirs = [r for r in runs if r.receiver == ref]
+    ratios = [t.seconds / m.seconds for m, t in zip(mine, theirs, strict=False)]
+    if not ratios or name == ref:
+        return "—"
+    return f"{min(ratios):.2f}–{max(ratios):.2f}"
 
 
 def versions(args: argparse.Namespace) -> str:
