@@ -303,8 +303,9 @@ class Spool:
                 return
         buffer.close()
 
-    def direct_io_refused(self) -> None:
-        """A write with O_DIRECT was refused: write through the page cache from now on."""
+    def direct_io_refused(self, *, at_open: bool = False) -> None:
+        """The filesystem refused O_DIRECT, at a write or (``at_open``) when a file was
+        opened: write through the page cache from now on (said once)."""
         with self._spare_lock:
             if not self.direct_io:
                 return
@@ -312,8 +313,8 @@ class Spool:
             buffers, self._buffers = self._buffers, []
         for buffer in buffers:
             buffer.close()
-        log.warning("the spool's filesystem refused a write with O_DIRECT; "
-                    "writing through the page cache from now on")
+        log.warning("the spool's filesystem %s; writing through the page cache from now on",
+                    "does not take O_DIRECT" if at_open else "refused a write with O_DIRECT")
 
     def make_spare(self) -> None:
         """Create an empty temporary file for a later :meth:`open_stage`, unless
@@ -358,10 +359,7 @@ class Spool:
                 if exc.errno != errno.EINVAL:
                     raise
             temp.unlink(missing_ok=True)    # (some filesystems create it, then refuse)
-            if self.direct_io:
-                self.direct_io = False
-                log.warning("the spool's filesystem does not take O_DIRECT; "
-                            "writing through the page cache")
+            self.direct_io_refused(at_open=True)
         return temp, os.open(temp, flags, 0o640), False
 
     def commit(self, staged: StagedFile, rel_path: str) -> Path:
