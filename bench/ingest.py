@@ -8,10 +8,12 @@ to each receiver in turn, every receiver on 127.0.0.1 with fresh, empty storage:
   straight to the file, no parse and re-encode) into a temp folder; it never fsyncs;
 - ``orthanc``: the Debian Orthanc with its default settings (``SyncStorageArea`` true:
   fsync per file) and fresh temp storage and index;
-- ``pacsnode``: ``pacsnode serve`` with a default config (fsync of file and directory);
-  ``--listeners 1 2`` runs it once per value of ``[node] listener_processes`` (named
-  ``pacsnode``, ``pacsnode-l2``), its CPU column then counting the listener children too;
-  ``--baseline REV`` adds pacsnode as of REV, with ``--baseline-listeners N`` processes.
+- ``pacsnode``: ``pacsnode serve`` with a default config (fsync of file and directory;
+  ``listener_processes = "auto"``: one process per usable CPU, at most 4);
+  ``--listeners auto 1 4`` runs it once per value of ``[node] listener_processes`` (named
+  ``pacsnode``, ``pacsnode-l1``, ``pacsnode-l4``), its CPU column counting the listener
+  children too; ``--baseline REV`` adds pacsnode as of REV, with
+  ``--baseline-listeners N`` processes (a number: older revisions know no "auto").
 
 The clock runs from the start of storescu until the last storescu exits. Each receiver
 must then hold all N instances, or the run fails. ``--warmup K`` first sends K instances
@@ -22,7 +24,7 @@ stdout and is appended to bench/RESULTS.md with the machine, the date (UTC) and 
 command.
 
     .venv/bin/python bench/ingest.py [--slices 300] [--size 512] [--repeat 1] [--parallel 1]
-                                     [--listeners 1 2] [--baseline REV]
+                                     [--listeners auto 1 4] [--baseline REV]
                                      [--baseline-listeners 1] [--warmup 0]
 """
 
@@ -60,6 +62,7 @@ from bench.common import (
     machine,
     revision,
 )
+from node.settings import AUTO_LISTENERS_MAX, usable_cpus
 from node.synth import SeriesSpec, make_study, write_study
 from tests.support import (
     TCP_ENV,
@@ -70,6 +73,7 @@ from tests.support import (
 )
 
 RECEIVERS = ("storescp", "orthanc", "pacsnode")
+AUTO = "auto"  # [node] listener_processes = "auto", the shipped default
 
 
 @dataclass(frozen=True)
@@ -157,16 +161,20 @@ def start_orthanc(work: Path) -> Receiver:
                     orthanc.proc.pid)
 
 
-def pacsnode_name(listeners: int) -> str:
-    return "pacsnode" if listeners == 1 else f"pacsnode-l{listeners}"
+def pacsnode_name(listeners: int | str) -> str:
+    return "pacsnode" if listeners == AUTO else f"pacsnode-l{listeners}"
+
+
+def listener_count(listeners: int | str) -> int:
+    """The processes ``listener_processes = listeners`` gives on this machine."""
+    return min(usable_cpus(), AUTO_LISTENERS_MAX) if listeners == AUTO else int(listeners)
 
 
 def start_pacsnode(work: Path, tree: Path = ROOT, name: str = "pacsnode", *,
-                   listeners: int = 1) -> Receiver:
+                   listeners: int | str = AUTO) -> Receiver:
     """``pacsnode serve`` from the source tree ``tree`` (this checkout, or --baseline's),
-    with ``listeners`` processes on its DICOM port."""
-    config = write_config(work, node={"listener_processes": listeners}) if listeners > 1 \
-        else write_config(work)
+    with ``[node] listener_processes = listeners`` (a number, or "auto")."""
+    config = write_config(work, node={"listener_processes": listeners})
     port = int(tomllib.loads(config.read_text())["node"]["port"])
     env = {**TCP_ENV, "PYTHONPATH": str(tree)}
     log = (work / "node.log").open("ab")
@@ -181,7 +189,8 @@ def start_pacsnode(work: Path, tree: Path = ROOT, name: str = "pacsnode", *,
         wait_port(port, proc=proc)
         # the children listen once they have written their first status file
         deadline = time.monotonic() + 60
-        while len(list((work / "spool").glob(".listener-status-*.json"))) < listeners - 1:
+        while len(list((work / "spool").glob(".listener-status-*.json"))) \
+                < listener_count(listeners) - 1:
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError(f"{name}: listener children did not start; see {work}")
             time.sleep(0.1)
@@ -350,9 +359,10 @@ def report(args: argparse.Namespace, runs: Sequence[Run], nbytes: int, temp: Pat
          "Explicit VR Little Endian, CT Image Storage"),
         (f"- receivers: storescp {storescp_mode}, no fsync; Orthanc defaults "
          "(SyncStorageArea: fsync per file); pacsnode default config (fsync of file and "
-         "directory, SQLite index)"
+         f"directory, SQLite index, listener_processes = \"auto\": {listener_count(AUTO)} "
+         "here)"
          + "".join(f"; {pacsnode_name(n)}: the same with listener_processes = {n}"
-                   for n in args.listeners if n > 1)),
+                   for n in args.listeners if n != AUTO)),
         (f"- warm-up: before the timed send, {args.warmup} instance(s) of another series "
          f"per association, over {args.parallel} association(s) the same way, untimed"
          if args.warmup else "- warm-up: none (the timed send is the receiver's first)"),
@@ -390,6 +400,16 @@ def temp_dir(parent: str | None) -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def listeners_arg(text: str) -> int | str:
+    """``--listeners``: "auto" or a number."""
+    if text == AUTO:
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r}: a number or "auto"') from None
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--slices", type=int, default=300, help="instances in the series")
@@ -398,9 +418,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=1,
                    help="storescu processes (associations), files split in contiguous chunks")
     p.add_argument("--receivers", nargs="+", choices=RECEIVERS, default=list(RECEIVERS))
-    p.add_argument("--listeners", type=int, nargs="+", default=[1], metavar="N",
-                   help="run pacsnode once per N with [node] listener_processes = N "
-                        "(reported as pacsnode, pacsnode-lN)")
+    p.add_argument("--listeners", type=listeners_arg, nargs="+", default=[AUTO], metavar="N",
+                   help='run pacsnode once per N with [node] listener_processes = N, a '
+                        'number or "auto" (reported as pacsnode-lN; pacsnode for "auto", '
+                        'the default)')
     p.add_argument("--storescp-normal", action="store_true",
                    help="run storescp without +B (parse and re-encode each data set)")
     p.add_argument("--baseline", metavar="REV",
@@ -418,7 +439,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
     if min(args.slices, args.size, args.repeat, args.parallel, args.baseline_listeners,
-           *args.listeners) < 1:
+           *(n for n in args.listeners if n != AUTO)) < 1:
         p.error("--slices, --size, --repeat, --parallel, --listeners and "
                 "--baseline-listeners must be >= 1")
     args.listeners = list(dict.fromkeys(args.listeners))

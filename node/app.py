@@ -185,7 +185,12 @@ class Node:
         self._assembly_thread.start()
         self.runner.start()
         self.receiver.start()
-        if self.settings.node.listener_processes > 1:
+        if self.settings.node.listener_processes > 1 and self.settings.source_file is None:
+            # the children load the settings from the file (settings made in code: tests)
+            log.warning("listener_processes = %d, but the settings were not loaded from a "
+                        "file for the listener processes to read: this process listens alone",
+                        self.settings.node.listener_processes)
+        elif self.settings.node.listener_processes > 1:
             remove_statuses(self.settings)
             self.listeners = ListenerSupervisor(self.settings, on_released=self._released.put,
                                                 listen_fd=self.receiver.listening_fd)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -17,6 +18,7 @@ from pydicom.datadict import tag_for_keyword
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -28,6 +30,9 @@ from node.transcode import AS_IS, check_transfer_syntax
 
 DEFAULT_CONFIG = Path("config/pacsnode.toml")
 CONFIG_ENV = "PACSNODE_CONFIG"
+# listener_processes = "auto": one per CPU this process may use, at most this many (one
+# process stores several hundred CT instances a second; each costs ~100 MB of memory).
+AUTO_LISTENERS_MAX = 4
 _LIST_SECTIONS = ("destinations", "sources", "models", "routes")
 
 
@@ -46,6 +51,30 @@ def _check_network(value: str) -> str:
         ipaddress.ip_network(value, strict=False)
     except ValueError:
         raise ValueError("an IP address or CIDR block such as 10.0.0.0/24") from None
+    return value
+
+
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may run on: its affinity mask, lowered to a cgroup v2 CPU quota
+    (``cpu.max``, as a container's ``--cpus`` sets it) where there is one."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = (cgroup_root / "cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def _listener_count(value: Any) -> Any:
+    if value == "auto":
+        return min(usable_cpus(), AUTO_LISTENERS_MAX)
+    if isinstance(value, str):
+        raise ValueError('a number of processes or "auto"')
     return value
 
 
@@ -88,8 +117,10 @@ class NodeSettings(_Section):
     acse_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
     tls: TlsSettings | None = None
     # Processes accepting associations on the port (one listening socket): the receiver plus
-    # listener_processes - 1 intake-only children (node/listener.py).
-    listener_processes: Annotated[int, Field(ge=1, le=64)] = 1
+    # listener_processes - 1 intake-only children (node/listener.py). "auto" (the default)
+    # is resolved when the file is loaded: one per usable CPU, at most AUTO_LISTENERS_MAX.
+    listener_processes: Annotated[int, BeforeValidator(_listener_count), Field(ge=1, le=64)] \
+        = Field(default="auto", validate_default=True)
 
 
 class StorageSettings(_Section):

@@ -69,7 +69,10 @@ def toml_value(value: Any) -> str:
 def write_config(directory: Path, **sections: Any) -> Path:
     """Write a node config; ``sections`` maps table name to dict (or list of dicts)."""
     base: dict[str, Any] = {
-        "node": {"ae_title": "PACSNODE", "host": "127.0.0.1", "port": free_port()},
+        # one process: the default ("auto") would start listener children in every test
+        # with a node; tests/integration/test_listeners.py covers them
+        "node": {"ae_title": "PACSNODE", "host": "127.0.0.1", "port": free_port(),
+                 "listener_processes": 1},
         "storage": {"spool": "spool", "database": "sqlite:///index.db", "min_free_mb": 0},
         "http": {"host": "127.0.0.1", "port": free_port()},
         "assembly": {"series_quiet_seconds": 3.0, "study_quiet_seconds": 4.0,

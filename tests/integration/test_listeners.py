@@ -150,6 +150,31 @@ def test_two_listener_processes_share_the_port(dcmtk: None, node_factory: Any,
     assert "listener 1 stopped" in log and "Traceback" not in log
 
 
+def test_the_default_starts_one_listener_process_per_usable_cpu(
+        dcmtk: None, node_factory: Any, tmp_path: Path) -> None:
+    """listener_processes = "auto" (the shipped default): the receiver plus one child per
+    further usable CPU, at most AUTO_LISTENERS_MAX in all; a C-STORE and a C-ECHO work."""
+    from node.settings import AUTO_LISTENERS_MAX, usable_cpus
+
+    processes = min(usable_cpus(), AUTO_LISTENERS_MAX)
+    node = node_factory(node={"listener_processes": "auto"}).start()
+    spool = node.config.parent / "spool"
+    wait_for(lambda: len(list(spool.glob(".listener-status-*.json"))) == processes - 1,
+             timeout=30)
+    wait_for(lambda: all(f"listener {i} (pid" in node.log() for i in range(1, processes)),
+             timeout=20)
+    assert f"listener {processes} (pid" not in node.log()
+    study = synth.make_study(synth.SeriesSpec(slices=3, rows=16, columns=16), seed=44)
+    files = synth.write_study(study, tmp_path / "ct")
+    assert storescu(node.port, files).returncode == 0
+    echo = subprocess.run(["echoscu", "-aec", "PACSNODE", "127.0.0.1", str(node.port)],
+                          capture_output=True, text=True, env=TCP_ENV, timeout=30)
+    assert echo.returncode == 0, echo.stderr
+    index = IndexView(node.config.parent / "index.db")
+    assert index.counts() == (1, 1, 3)
+    assert node.stop() == 0 and "Traceback" not in node.log()
+
+
 def _server_pids(port: int) -> set[int]:
     """Processes holding the node's side of established connections to ``port``."""
     out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 from pathlib import Path
+
+import pytest
 
 from node.db import make_engine
 from node.listener import listener_counters, read_counters, remove_statuses, status_path, \
     write_status
 from node.metrics import Metrics, exposition
-from tests.support import write_config
-from node.settings import load_settings
+from node.app import Node
+from node.settings import HttpSettings, NodeSettings, Settings, StorageSettings, load_settings
+from tests.support import free_port, write_config
 
 
 def test_child_counters_are_added_to_the_receivers_metrics(tmp_path: Path) -> None:
@@ -35,3 +40,24 @@ def test_child_counters_are_added_to_the_receivers_metrics(tmp_path: Path) -> No
     remove_statuses(settings)            # the receiver's start: no carry-over
     assert list(listener_counters(settings)) == []
     assert not list(settings.storage.spool.glob(".listener-status-*"))
+
+
+def test_settings_made_in_code_run_one_listener_process(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The children read the settings from their file: without one (settings made in
+    code) the receiver says so and listens alone instead of failing to start."""
+    settings = Settings(
+        node=NodeSettings(host="127.0.0.1", port=free_port(), listener_processes=2),
+        http=HttpSettings(host="127.0.0.1", port=free_port()),
+        storage=StorageSettings(spool=tmp_path / "spool", database=f"sqlite:///{tmp_path}/i.db",
+                                audit_log=tmp_path / "audit.jsonl", min_free_mb=0))
+    node = Node(settings, spawn_worker=False)
+    with caplog.at_level(logging.WARNING, logger="node.app"):
+        node.start()
+    try:
+        assert node.listeners is None
+        assert "this process listens alone" in caplog.text
+        with socket.create_connection(("127.0.0.1", settings.node.port), timeout=5):
+            pass                        # the receiver itself listens
+    finally:
+        node.stop()

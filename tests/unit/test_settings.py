@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from node.cli import main
 from node.errors import ConfigError
-from node.settings import Settings, load_settings
+from node.settings import AUTO_LISTENERS_MAX, Settings, load_settings, usable_cpus
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,6 +23,34 @@ def test_shipped_default_config_is_valid() -> None:
     assert settings.node.ae_title == "PACSNODE"
     assert settings.storage.database.startswith("sqlite:///")
     assert settings.storage.spool.is_absolute()
+
+
+def test_listener_processes_default_to_one_per_usable_cpu(tmp_path: Path) -> None:
+    auto = min(usable_cpus(), AUTO_LISTENERS_MAX)
+    assert load_settings(_write(tmp_path, "")).node.listener_processes == auto
+    assert load_settings(ROOT / "config" / "pacsnode.toml").node.listener_processes == auto
+    assert load_settings(_write(tmp_path, '[node]\nlistener_processes = "auto"\n')) \
+        .node.listener_processes == auto
+    assert load_settings(_write(tmp_path, "[node]\nlistener_processes = 3\n")) \
+        .node.listener_processes == 3
+    with pytest.raises(ConfigError) as err:
+        load_settings(_write(tmp_path, '[node]\nlistener_processes = "all"\n'))
+    (problem,) = err.value.problems
+    assert "node.listener_processes" in problem and '"auto"' in problem and "'all'" in problem
+
+
+def test_usable_cpus_follow_the_affinity_and_a_cgroup_quota(tmp_path: Path) -> None:
+    import os
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(tmp_path) == affinity                 # no cpu.max: no cgroup v2 quota
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(tmp_path) == affinity
+    (tmp_path / "cpu.max").write_text("150000 100000\n")   # --cpus=1.5: two CPUs, partly
+    assert usable_cpus(tmp_path) == min(affinity, 2)
+    (tmp_path / "cpu.max").write_text("20000 100000\n")    # a fifth of one CPU
+    assert usable_cpus(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("garbage\n")
+    assert usable_cpus(tmp_path) == affinity
 
 
 def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
