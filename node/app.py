@@ -28,6 +28,7 @@ from node.assembly import Assembly
 from node.audit import AuditLog
 from node.db import is_postgresql, open_database
 from node.forward import make_forward_handler
+from node.heap import settle_heap
 from node.intake import Intake
 from node.listener import listener_counters, remove_statuses
 from node.metrics import Metrics, exposition
@@ -372,6 +373,7 @@ class Node:
         signal.signal(signal.SIGINT, _signal)
         signal.signal(signal.SIGHUP, _hangup)
         self.start()
+        settle_heap()
         notify("READY=1", f"STATUS=listening on port {self.receiver.port}")
         watchdog = watchdog_interval()
         last_ping = 0.0

@@ -37,6 +37,7 @@ from types import FrameType
 
 from adapters.dimse import DimseReceiver
 from node.db import open_database
+from node.heap import settle_heap
 from node.intake import Intake
 from node.jobs import owner_name
 from node.metrics import CounterKey, Metrics
@@ -147,6 +148,7 @@ class ListenerNode:
         self.spool.root.mkdir(parents=True, exist_ok=True)
         self.spool.prepare()
         self.receiver.start()
+        settle_heap()
         log.info("listener %d (pid %d) ready on port %d", self.index, os.getpid(),
                  self.receiver.port)
         try:
