@@ -23,10 +23,16 @@ Here:
 - an A-ASSOCIATE-RQ PDU whose bytes this process has decoded before is not decoded
   again (:class:`RememberedRequest`): a sender proposes the same contexts every time,
   and pynetdicom's decoding of dcmtk storescu's 128 contexts cost ~10 ms of CPU per
-  association, a third of all its set-up.
+  association, a third of all its set-up;
+- likewise the A-ASSOCIATE-AC PDU of an acceptance this process has sent before is sent
+  again as it was encoded then (:class:`RememberedAccept`, action AE-7 of
+  :class:`AcceptingStateMachine`): making it from the primitive validates every
+  accepted transfer syntax UID three times over, a quarter of the CPU an association
+  with one small instance cost.
 
 Only acceptor associations made by our listener use these classes
-(:class:`WakingRequestHandler`); pynetdicom's state machine, association negotiation,
+(:class:`WakingRequestHandler`); pynetdicom's state machine (but for AE-7), association
+negotiation,
 the decoding of PDUs other than P-DATA-TF, DIMSE messages other than those C-STOREs, and
 its service classes are its own. Measured in bench/RESULTS.md (issue 2).
 """
@@ -36,6 +42,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+from collections import OrderedDict
 import queue
 import select
 import socket
@@ -56,7 +63,8 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.fsm import StateMachine
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
@@ -71,7 +79,10 @@ BULK_READ_MAX = 16 << 20
 # Distinct association requests a process keeps decoded (one per sender configuration).
 REMEMBERED_REQUESTS = 32
 _A_ASSOCIATE_RQ = b"\x01"        # PDU type
+_A_ASSOCIATE_AC = 0x02           # PDU type
 _EVT6 = "Evt6"                   # PS3.8 9.2: A-ASSOCIATE-RQ PDU received
+_EVT7 = "Evt7"                   # A-ASSOCIATE response primitive (accept) from the user
+_STA3 = "Sta3"                   # awaiting the local user's response to the request
 _UNSET = object()
 
 log = logging.getLogger(__name__)
@@ -93,6 +104,7 @@ class WakingDUL(DULServiceProvider):
         self._idle_delay = 0.001
         self._pdata_reader: object = _UNSET
         super().__init__(assoc)
+        self.state_machine = AcceptingStateMachine(self)
 
     @property
     def _run_loop_delay(self) -> float:
@@ -462,6 +474,102 @@ class RememberedRequest(A_ASSOCIATE_RQ):
 def remembered_request(data: bytes) -> RememberedRequest:
     """The decoded A-ASSOCIATE-RQ PDU of these bytes (a bad one raises, and is not kept)."""
     return RememberedRequest(data)
+
+
+class RememberedAccept(A_ASSOCIATE_AC):
+    """An A-ASSOCIATE-AC PDU made from an accept primitive and encoded once; shared by
+    every association whose acceptance has the same :func:`accept_key`, so never
+    changed after it is made."""
+
+    def __init__(self, primitive: A_ASSOCIATE) -> None:
+        super().__init__(primitive)
+        self._encoded = super().encode()
+
+    @property
+    def pdu_type(self) -> int:
+        return _A_ASSOCIATE_AC      # (pynetdicom looks it up by the exact class)
+
+    def encode(self) -> bytes:
+        return self._encoded
+
+
+def accept_key(primitive: A_ASSOCIATE) -> tuple[Any, ...] | None:
+    """Everything of an accept primitive that goes into its A-ASSOCIATE-AC PDU, as a
+    hashable value; None where an item holds something unhashable (a list: such an
+    acceptance is encoded afresh)."""
+    try:
+        key = (primitive.called_ae_title, primitive.calling_ae_title,
+               primitive.application_context_name,
+               tuple((cx.context_id, cx.result, tuple(cx.transfer_syntax[:1]))
+                     for cx in primitive.presentation_context_definition_results_list),
+               tuple((type(item), tuple(sorted(vars(item).items())))
+                     for item in primitive.user_information))
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+class _Accepts:
+    """The remembered acceptances, the most recently used kept (one per sender's
+    configuration; the association threads share them)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._pdus: OrderedDict[tuple[Any, ...], RememberedAccept] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def pdu(self, primitive: A_ASSOCIATE) -> A_ASSOCIATE_AC:
+        key = accept_key(primitive)
+        if key is None:
+            return A_ASSOCIATE_AC(primitive)
+        with self._lock:
+            pdu = self._pdus.get(key)
+            if pdu is not None:
+                self._pdus.move_to_end(key)
+                self.hits += 1
+                return pdu
+            self.misses += 1
+        pdu = RememberedAccept(primitive)
+        with self._lock:
+            self._pdus[key] = pdu
+            if len(self._pdus) > self._size:
+                self._pdus.popitem(last=False)
+        return pdu
+
+    def clear(self) -> None:
+        with self._lock:
+            self._pdus.clear()
+            self.hits = self.misses = 0
+
+
+remembered_accepts = _Accepts(REMEMBERED_REQUESTS)
+
+
+class AcceptingStateMachine(StateMachine):
+    """pynetdicom's state machine, but for action AE-7 (Sta3 + Evt7: the local user
+    accepted the association), which sends the PDU of :data:`remembered_accepts` for
+    the primitive. The rest of what pynetdicom's ``do_action`` does for an action is
+    done the same way: the FSM-transition event, the next state, and on an exception
+    the log and the end of the association."""
+
+    def do_action(self, event: str) -> None:
+        if event != _EVT7 or self.current_state != _STA3:
+            super().do_action(event)
+            return
+        try:
+            primitive = cast(A_ASSOCIATE, self.dul.to_provider_queue.get(False))
+            self.dul._send(remembered_accepts.pdu(primitive))
+            next_state = "Sta6"
+            evt.trigger(self.dul.assoc, evt.EVT_FSM_TRANSITION,
+                        {"action": "AE-7", "current_state": self.current_state,
+                         "fsm_event": event, "next_state": next_state})
+            self.transition(next_state)
+        except Exception:
+            log.exception("State Machine received an exception attempting to perform the "
+                          "action 'AE-7' while in state '%s'", self.current_state)
+            self.dul.kill_dul()
 
 
 _SHARED_VALUES = (str, bytes, int, float, tuple, type(None))   # str: UIDs and AE titles

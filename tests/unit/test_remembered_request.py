@@ -1,6 +1,8 @@
 """adapters/reactor.py's remembered A-ASSOCIATE-RQ: the same primitive as pynetdicom's own
 decoding, a copy per association that shares nothing changeable, and real associations
-that use it (a second association with the same request is not decoded again)."""
+that use it (a second association with the same request is not decoded again); and its
+remembered A-ASSOCIATE-AC: the same bytes as pynetdicom's own encoding, sent again to a
+second association accepted the same way."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from pydicom.uid import (
     MRImageStorage,
 )
 from pynetdicom import AE, build_context
-from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.presentation import PresentationContext
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from pynetdicom.pdu_primitives import (
@@ -31,7 +34,13 @@ from pynetdicom.pdu_primitives import (
     UserIdentityNegotiation,
 )
 
-from adapters.reactor import RememberedRequest, remembered_request
+from adapters.reactor import (
+    RememberedAccept,
+    RememberedRequest,
+    accept_key,
+    remembered_accepts,
+    remembered_request,
+)
 from node.app import Node
 from node.db import SeriesRow
 from node.settings import load_settings
@@ -39,6 +48,15 @@ from node.synth import SeriesSpec, make_study, write_study
 from tests.support import write_config
 
 _LEAVES = (str, bytes, int, float, tuple, type(None))
+
+
+def _required_items() -> list[Any]:
+    """The user information items every request and acceptance carries."""
+    length = MaximumLengthNotification()
+    length.maximum_length_received = 262144
+    implementation = ImplementationClassUIDNotification()
+    implementation.implementation_class_uid = "1.2.826.0.1.3680043.9.9999.1"
+    return [length, implementation]
 
 
 def _request_bytes(calling: str = "MODALITY") -> bytes:
@@ -53,13 +71,8 @@ def _request_bytes(calling: str = "MODALITY") -> bytes:
     for number, context in enumerate(contexts):
         context.context_id = 2 * number + 1
     primitive.presentation_context_definition_list = contexts
-    items: list[Any] = []
-    item: Any = MaximumLengthNotification()
-    item.maximum_length_received = 262144
-    items.append(item)
-    item = ImplementationClassUIDNotification()
-    item.implementation_class_uid = "1.2.826.0.1.3680043.9.9999.1"
-    items.append(item)
+    items = _required_items()
+    item: Any
     item = ImplementationVersionNameNotification()
     item.implementation_version_name = "TEST_1"
     items.append(item)
@@ -83,6 +96,56 @@ def _request_bytes(calling: str = "MODALITY") -> bytes:
     items.append(item)
     primitive.user_information = items
     return bytes(A_ASSOCIATE_RQ(primitive).encode())
+
+
+def _accept(calling: str = "MODALITY", *, result: int = 0, common: bool = False) -> A_ASSOCIATE:
+    """An accept primitive as pynetdicom's ACSE makes one (send_accept)."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title, primitive.called_ae_title = calling, "PACSNODE"
+    primitive.result, primitive.result_source = 0, 1
+    results = []
+    for context_id, syntax, outcome in ((1, ExplicitVRLittleEndian, 0),
+                                        (3, ImplicitVRLittleEndian, result)):
+        cx = PresentationContext()
+        cx.context_id, cx.result = context_id, outcome
+        cx.abstract_syntax = CTImageStorage
+        cx.add_transfer_syntax(syntax)
+        results.append(cx)
+    primitive.presentation_context_definition_results_list = results
+    items = _required_items()
+    item: Any
+    if common:      # (an acceptor never sends this item; it holds a list)
+        item = SOPClassCommonExtendedNegotiation()
+        item.sop_class_uid, item.service_class_uid = CTImageStorage, "1.2.840.10008.4.2"
+        item.related_general_sop_class_identification = ["1.2.840.10008.5.1.4.1.1.2.1"]
+        items.append(item)
+    primitive.user_information = items
+    return primitive
+
+
+def test_a_remembered_accept_is_pynetdicoms_own_encoding() -> None:
+    own = bytes(A_ASSOCIATE_AC(_accept()).encode())
+    assert RememberedAccept(_accept()).encode() == own
+    assert own[:1] == b"\x02" and b"1.2.826.0.1.3680043.9.9999.1" in own
+
+
+def test_accepts_are_told_apart_by_everything_their_pdu_holds() -> None:
+    key = accept_key(_accept())
+    assert key is not None and key == accept_key(_accept())
+    assert accept_key(_accept("OTHER")) != key                 # calling AE title
+    assert accept_key(_accept(result=3)) != key                # a context's result
+    other_length = _accept()
+    other_length.user_information[0].maximum_length_received = 16384
+    assert accept_key(other_length) != key
+    assert accept_key(_accept(common=True)) is None            # unhashable: never kept
+    remembered_accepts.clear()
+    first, again = remembered_accepts.pdu(_accept()), remembered_accepts.pdu(_accept())
+    assert again is first and (remembered_accepts.misses, remembered_accepts.hits) == (1, 1)
+    assert remembered_accepts.pdu(_accept(result=3)) is not first
+    fresh = remembered_accepts.pdu(_accept(common=True))
+    assert not isinstance(fresh, RememberedAccept)
+    assert fresh.encode() == A_ASSOCIATE_AC(_accept(common=True)).encode()
 
 
 def _shape(value: Any) -> Any:
@@ -145,16 +208,27 @@ def test_a_second_association_with_the_same_request_is_not_decoded_again(
     node.start()
     try:
         remembered_request.cache_clear()
+        remembered_accepts.clear()
+        accepted = []
         for calling, path in [("SENDER_C", study_a[0]), ("SENDER_C", study_a[1]),
                               ("SENDER_D", study_b[0])]:
             ae = AE(ae_title=calling)
             ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+            ae.add_requested_context("1.2.840.10008.5.1.4.1.2.1.1")   # C-FIND: not offered
             assoc = ae.associate("127.0.0.1", node.receiver.port, ae_title="PACSNODE")
             assert assoc.is_established
+            accepted.append(([(cx.context_id, cx.transfer_syntax[0])
+                              for cx in assoc.accepted_contexts],
+                             [cx.context_id for cx in assoc.rejected_contexts],
+                             assoc.acceptor.maximum_length))
             assert assoc.send_c_store(dcmread(path)).Status == 0x0000
             assoc.release()
         info = remembered_request.cache_info()
         assert (info.misses, info.hits) == (2, 1)
+        # the second association of SENDER_C got the acceptance sent to the first
+        assert (remembered_accepts.misses, remembered_accepts.hits) == (2, 1)
+        assert accepted[0] == accepted[1] == accepted[2] == (
+            [(1, ExplicitVRLittleEndian)], [3], node.settings.node.max_pdu_bytes)
         with Session(node.engine) as session:
             callers = {study: caller for study, caller in session.execute(
                 select(SeriesRow.study_instance_uid, SeriesRow.calling_ae_title))}
