@@ -225,12 +225,14 @@ class DimseReceiver:
         settings: NodeSettings,
         intake: Intake,
         *,
-        on_released: Callable[[set[str]], None] = lambda _: None,
+        on_released: Callable[[dict[str, int]], None] = lambda _: None,
         metrics: Metrics | None = None,
         moved_from: Callable[[str], str | None] = lambda _: None,
         listen_fd: int | None = None,
     ) -> None:
-        """``moved_from``: the pull source (node/pull.py) whose PACS has this calling AE
+        """``on_released``: called at each association's release with the series it
+        carried and how many distinct instances of each (assembly's fast path).
+        ``moved_from``: the pull source (node/pull.py) whose PACS has this calling AE
         title, if any; instances it sends for our own C-MOVE are tagged with its name.
         ``listen_fd``: a listener child's inherited listening socket (with
         ``listener_processes`` > 1; the receiver's own is :attr:`listening_fd`)."""
@@ -240,7 +242,8 @@ class DimseReceiver:
         self.on_released = on_released
         self.moved_from = moved_from
         self.metrics = metrics or Metrics()
-        self._series: dict[int, set[str]] = {}
+        # per association: series UID -> the SOP Instance UIDs of it stored
+        self._series: dict[int, dict[str, set[str]]] = {}
         self._series_lock = threading.Lock()
         self._server: Any = None
         self._ae: AE | None = None
@@ -384,8 +387,10 @@ class DimseReceiver:
             self.metrics.inc("pacsnode_instances_refused_total", status="A700")
             log.error("C-STORE %s from %s refused (A700): %s", sop_uid, peer.calling_ae_title, exc)
             return StatusValues.OUT_OF_RESOURCES
+        header = outcome.header
         with self._series_lock:
-            self._series.setdefault(id(assoc), set()).add(outcome.header.series_instance_uid)
+            self._series.setdefault(id(assoc), {}).setdefault(
+                header.series_instance_uid, set()).add(header.sop_instance_uid)
         self.metrics.inc("pacsnode_instances_received_total")
         self.metrics.inc("pacsnode_bytes_received_total", float(outcome.size))
         return StatusValues.SUCCESS
@@ -399,14 +404,15 @@ class DimseReceiver:
         name = self.moved_from(peer.calling_ae_title)
         return dataclasses.replace(peer, calling_ae_title=name[:16]) if name else peer
 
-    def _take_series(self, event: Any) -> set[str]:
+    def _take_series(self, event: Any) -> dict[str, int]:
         with self._series_lock:
-            return self._series.pop(id(event.assoc), set())
+            carried = self._series.pop(id(event.assoc), {})
+        return {uid: len(sops) for uid, sops in carried.items()}
 
     def _on_released(self, event: Any) -> None:
-        series = self._take_series(event)
-        if series:
-            self.on_released(series)
+        carried = self._take_series(event)
+        if carried:
+            self.on_released(carried)
 
     def _on_accepted(self, event: Any) -> None:
         self.metrics.inc("pacsnode_associations_total", result="accepted")

@@ -154,7 +154,8 @@ class Node:
              "fetch_priors": self._fetch_priors},
             workers=settings.jobs.workers, audit=self.audit,
         )
-        self._released: queue.Queue[set[str]] = queue.Queue()
+        # released associations, STOW-RS requests and pulls: series UID -> instances carried
+        self._released: queue.Queue[dict[str, int]] = queue.Queue()
         self.metrics = Metrics()
         self.receiver = DimseReceiver(settings.node, self.intake, on_released=self._released.put,
                                       metrics=self.metrics, moved_from=self._moving_source)
@@ -455,17 +456,28 @@ class WorkerSupervisor:
                 proc.wait(10)
 
 
+def _carried(message: object) -> dict[str, int]:
+    """A listener child's release line: {series UID: instances carried}. A plain list of
+    series UIDs (a child of an earlier version, during an upgrade) carries counts of 0:
+    not known, so that only ImagesInAcquisition can prove those series complete."""
+    if isinstance(message, dict):
+        return {str(uid): int(count) for uid, count in message.items()}
+    if isinstance(message, list):
+        return {str(uid): 0 for uid in message}
+    raise TypeError(f"a JSON object or list, not {type(message).__name__}")
+
+
 class ListenerSupervisor(WorkerSupervisor):
     """The listener children of ``[node] listener_processes`` (node/listener.py), run and
     restarted like workers. Each gets the write end of a pipe on which it announces its
-    released associations, one JSON list of series UIDs per line; a thread here reads
-    them all and hands each to ``on_released`` (assembly's fast path). Each also inherits
-    the receiver's listening socket, ``listen_fd``."""
+    released associations, one JSON object {series UID: instances carried} per line; a
+    thread here reads them all and hands each to ``on_released`` (assembly's fast path).
+    Each also inherits the receiver's listening socket, ``listen_fd``."""
 
     what = "listener process"
 
     def __init__(self, settings: Settings, *,
-                 on_released: Callable[[set[str]], None], listen_fd: int) -> None:
+                 on_released: Callable[[dict[str, int]], None], listen_fd: int) -> None:
         super().__init__(settings, keys=[str(i) for i in
                                          range(1, settings.node.listener_processes)])
         self.on_released = on_released
@@ -521,12 +533,12 @@ class ListenerSupervisor(WorkerSupervisor):
         self._partial[fd] = rest
         for line in lines:
             try:
-                series = {str(uid) for uid in json.loads(line)}
+                carried = _carried(json.loads(line))
             except (ValueError, TypeError):
                 log.error("listener pipe: unreadable line of %d bytes ignored", len(line))
                 continue
-            if series:
-                self.on_released(series)
+            if carried:
+                self.on_released(carried)
 
     def stop(self) -> None:
         super().stop()

@@ -3,9 +3,13 @@
 Three ways to complete (see ``CompletionReasonValues``):
 
 - fast path: the association that carried a series is released and the series is
-  provably complete: the instance count equals ImagesInAcquisition where present, the
-  InstanceNumbers are contiguous, and the slice positions along the normal are evenly
-  spaced in one orientation;
+  provably complete: the InstanceNumbers are contiguous, the slice positions along the
+  normal are evenly spaced in one orientation, and either the instance count equals
+  ImagesInAcquisition or that one association carried every instance the series has.
+  Geometry alone proves nothing about instances that came over several associations: a
+  sender that opens one association per instance has, after its second, two contiguous,
+  evenly spaced slices (and a series split over parallel associations has a contiguous
+  first part), so such a series waits for its count or its quiet period;
 - quiet: nothing new arrived for the quiet period;
 - deadline: a hard limit after the first instance, so a trickling sender cannot hold a
   series open for ever.
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -78,14 +82,20 @@ def check_series(
     *,
     images_in_acquisition: int | None,
     tolerance: float,
+    carried: int,
 ) -> Verdict:
-    """Is a series provably complete? ``rows``: (InstanceNumber, x, y, z, orientation)."""
+    """Is a series provably complete? ``rows``: (InstanceNumber, x, y, z, orientation);
+    ``carried``: how many distinct instances of it the released association carried
+    (0: not known)."""
     items = list(rows)
     n = len(items)
     if n == 0:
         return Verdict(False, "no instances")
     if images_in_acquisition and n != images_in_acquisition:
         return Verdict(False, f"{n} of {images_in_acquisition} instances (ImagesInAcquisition)")
+    if not images_in_acquisition and carried < n:
+        return Verdict(False, f"the association carried {carried} of its {n} instances and "
+                              "there is no ImagesInAcquisition to count them against")
     numbers = [r[0] for r in items]
     if any(v is None for v in numbers):
         return Verdict(False, "an instance has no InstanceNumber")
@@ -131,12 +141,14 @@ class Assembly:
         self.planner = planner
         self._lock = lock or threading.Lock()
 
-    def on_association_released(self, series_uids: Iterable[str]) -> list[CompletedUnit]:
-        """Fast path: complete the series this association carried that are provably whole."""
+    def on_association_released(self, carried: Mapping[str, int]) -> list[CompletedUnit]:
+        """Fast path: complete the series this association carried that are provably
+        whole. ``carried``: series UID -> distinct instances of it the association (or
+        STOW-RS request, or pull) carried; 0 where that is not known."""
         if not self.settings.fast_path:
             return []
         done: list[CompletedUnit] = []
-        uids = set(series_uids)
+        uids = set(carried)
         with self._lock, Session(self.engine) as session, session.begin():
             begin_write(session.connection())   # listener processes write beside us
             studies: set[str] = set()
@@ -145,7 +157,7 @@ class Assembly:
                 if series is None or series.state != RECEIVING:
                     continue
                 studies.add(series.study_instance_uid)
-                verdict = self._verdict(session, series)
+                verdict = self._verdict(session, series, carried[uid])
                 if verdict.complete:
                     done.append(self._complete_series(session, series,
                                                       CompletionReasonValues.FAST_PATH))
@@ -205,14 +217,14 @@ class Assembly:
                     done.append(self._complete_study(session, study, CompletionReasonValues.QUIET))
         return done
 
-    def _verdict(self, session: Session, series: SeriesRow) -> Verdict:
+    def _verdict(self, session: Session, series: SeriesRow, carried: int) -> Verdict:
         rows = session.execute(
             select(InstanceRow.instance_number, InstanceRow.position_x, InstanceRow.position_y,
                    InstanceRow.position_z, InstanceRow.orientation)
             .where(InstanceRow.series_instance_uid == series.series_instance_uid)
         ).all()
         return check_series(rows, images_in_acquisition=series.images_in_acquisition,
-                            tolerance=self.settings.slice_spacing_tolerance)
+                            tolerance=self.settings.slice_spacing_tolerance, carried=carried)
 
     def _complete_series(
         self, session: Session, series: SeriesRow, reason: CompletionReasonValues

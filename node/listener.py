@@ -11,7 +11,8 @@ API) stays in the receiver.
 
 What a child tells the receiver:
 
-- released associations: one JSON line per release (the series it carried) on a pipe
+- released associations: one JSON line per release (an object: each series it carried
+  and how many instances of it) on a pipe
   the supervisor made, which the receiver feeds to assembly's fast path as if its own
   listener had seen the release. A line lost with a killed child costs only the fast
   path: the quiet period completes the series;
@@ -117,11 +118,12 @@ class ListenerNode:
         return next((s.name for s in self.settings.sources if s.kind == "dimse"
                      and s.retrieve == "move" and s.ae_title == calling_ae_title), None)
 
-    def _announce(self, series: set[str]) -> None:
-        """Hand a released association's series to the receiver (assembly's fast path)."""
+    def _announce(self, carried: dict[str, int]) -> None:
+        """Hand a released association's series, with the instances it carried of each,
+        to the receiver (assembly's fast path)."""
         if self._release_fd is None:
             return
-        view = memoryview((json.dumps(sorted(series)) + "\n").encode())
+        view = memoryview((json.dumps(carried, sort_keys=True) + "\n").encode())
         with self._release_lock:
             try:
                 while view:

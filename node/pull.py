@@ -49,7 +49,7 @@ class PullReport:
 
 class Puller:
     def __init__(self, intake: Intake, engine: Engine, client: StudySource, *,
-                 on_released: Callable[[set[str]], None] = lambda _: None,
+                 on_released: Callable[[dict[str, int]], None] = lambda _: None,
                  metrics: Metrics | None = None, ae_title: str = "PACSNODE") -> None:
         self.intake = intake
         self.engine = engine
@@ -97,7 +97,7 @@ class Puller:
             by_study.setdefault(remote.study_instance_uid, []).append(remote)
         fetched = stored = failed = 0
         for study_uid, series in by_study.items():
-            released: set[str] = set()
+            released: dict[str, int] = {}       # series UID -> instances fetched
             for remote in series:
                 try:
                     ok, bad = self._fetch(source, remote)
@@ -110,7 +110,7 @@ class Puller:
                 stored += ok
                 failed += bad
                 if ok:
-                    released.add(remote.series_instance_uid)
+                    released[remote.series_instance_uid] = ok
                 if not bad:
                     fetched += 1
             if released:

@@ -76,7 +76,7 @@ class StowReceiver:
     """Turns one STOW-RS request into intake calls and a response."""
 
     def __init__(self, intake: Intake, *, ae_title: str,
-                 on_released: Callable[[set[str]], None] = lambda _: None,
+                 on_released: Callable[[dict[str, int]], None] = lambda _: None,
                  metrics: Metrics | None = None) -> None:
         self.intake = intake
         self.ae_title = ae_title
@@ -91,7 +91,7 @@ class StowReceiver:
                                address=address, port=port)
         referenced: list[tuple[str, str]] = []
         failures: list[Failure] = []
-        series: set[str] = set()
+        carried: dict[str, set[str]] = {}     # series UID -> its instances stored
         for number, part in enumerate(parts, start=1):
             kind = part.content_type or DICOM
             if kind != DICOM:
@@ -106,11 +106,11 @@ class StowReceiver:
                 continue
             header = outcome.header
             referenced.append((header.sop_class_uid, header.sop_instance_uid))
-            series.add(header.series_instance_uid)
+            carried.setdefault(header.series_instance_uid, set()).add(header.sop_instance_uid)
             self.metrics.inc("pacsnode_instances_received_total")
             self.metrics.inc("pacsnode_bytes_received_total", float(outcome.size))
-        if series:
-            self.on_released(series)
+        if carried:
+            self.on_released({uid: len(sops) for uid, sops in carried.items()})
         for f in failures:
             self.metrics.inc("pacsnode_instances_refused_total", status=f"{f.reason:04X}")
             log.warning("STOW-RS from %s: %s refused (%04X): %s", address,

@@ -181,3 +181,60 @@ def test_association_limit_rejects_with_a_reason(dcmtk: None, node_factory: Any)
         assoc.release()
     assert wait_for(lambda: _echo(node.port, aet="THIRD") == 0, timeout=5)
     assert "SECOND (127.0.0.1) rejected: 1 associations already active" in node.log()
+
+
+def _without_images_in_acquisition(files: list[Path]) -> list[Path]:
+    for path in files:             # as many CT and MR series are sent: no count to go by
+        ds = pydicom.dcmread(path)
+        del ds.ImagesInAcquisition
+        ds.save_as(path)
+    return files
+
+
+def test_one_association_per_instance_completes_once_after_the_quiet_period(
+        dcmtk: None, node_factory: Any, tmp_path: Path) -> None:
+    """Some senders open an association for every instance. After the second, the
+    series' two slices are contiguous and evenly spaced like a whole series; the fast
+    path must not take that for complete (it did: 7 generations for 8 instances, each
+    routed again)."""
+    study = synth.make_study(synth.SeriesSpec(slices=8, rows=16, columns=16), seed=51)
+    files = _without_images_in_acquisition(synth.write_study(study, tmp_path / "ct"))
+    node = node_factory(assembly={"series_quiet_seconds": 2.0, "study_quiet_seconds": 3.0})
+    node.start()
+    for path in files:
+        assert storescu(node.port, [path]).returncode == 0
+    index = _index(node)
+    uid = study.series[0].series_instance_uid
+    assert index.series(uid)["state"] == "receiving"
+    row = wait_for(lambda: (s := index.series(uid)) and s["state"] == "complete" and s,
+                   timeout=10)
+    assert (row["completion_reason"], row["generation"]) == ("quiet", 1)
+    assert "carried 1 of its" in node.log()
+    assert "follow-up generation" not in node.log()
+
+
+@pytest.mark.parametrize("count", [True, False], ids=["ImagesInAcquisition", "no-count"])
+def test_a_series_split_over_parallel_associations(
+        dcmtk: None, node_factory: Any, tmp_path: Path, count: bool) -> None:
+    """Four associations at once, each a contiguous quarter of one series (itself
+    contiguous and evenly spaced): with ImagesInAcquisition the last release completes
+    it (the count proves it); without, no association carried it whole and it waits for
+    its quiet period, once."""
+    study = synth.make_study(synth.SeriesSpec(slices=40, rows=32, columns=32), seed=52)
+    files = synth.write_study(study, tmp_path / "ct")
+    if not count:
+        _without_images_in_acquisition(files)
+    node = node_factory(assembly={"series_quiet_seconds": 2.0, "study_quiet_seconds": 3.0})
+    node.start()
+    senders = [subprocess.Popen(
+        ["storescu", "-aec", "PACSNODE", "127.0.0.1", str(node.port),
+         *map(str, files[10 * i:10 * i + 10])],
+        env=TCP_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(4)]
+    assert [p.wait(60) for p in senders] == [0, 0, 0, 0]
+    index = _index(node)
+    uid = study.series[0].series_instance_uid
+    row = wait_for(lambda: (s := index.series(uid)) and s["state"] == "complete" and s,
+                   timeout=10)
+    assert (row["completion_reason"], row["generation"]) == \
+        ("fast_path" if count else "quiet", 1)
+    assert index.counts() == (1, 1, 40)

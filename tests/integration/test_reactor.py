@@ -34,7 +34,7 @@ def _open_fds() -> int:
 
 def test_stores_and_releases_are_served_and_no_wakeup_socket_is_left(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
-    released: list[set[str]] = []
+    released: list[dict[str, int]] = []
     receiver = DimseReceiver(NodeSettings(host="127.0.0.1", port=free_port()), rig.intake,
                              on_released=released.append)
     receiver.start()
@@ -63,8 +63,9 @@ def test_stores_and_releases_are_served_and_no_wakeup_socket_is_left(tmp_path: P
         assert _open_fds() - before < 4
     finally:
         receiver.stop()
-    assert sorted(next(iter(r)) for r in released) == sorted(
-        str(s.datasets[0].SeriesInstanceUID) for s in series)
+    # each release: the one series the association carried, with its two instances
+    assert sorted(released, key=lambda r: sorted(r)) == sorted(
+        ({str(s.datasets[0].SeriesInstanceUID): 2} for s in series), key=lambda r: sorted(r))
     with Session(rig.engine) as session:
         assert session.scalar(select(func.count()).select_from(InstanceRow)) == 24
 

@@ -21,42 +21,79 @@ def _rows(n: int, step: float = 2.0, start: int = 1) -> list[tuple[int | None, f
 
 
 def test_contiguous_evenly_spaced_series_is_complete() -> None:
-    assert check_series(_rows(10), images_in_acquisition=10, tolerance=0.05).complete
-    assert check_series(_rows(10), images_in_acquisition=None, tolerance=0.05).complete
+    assert check_series(_rows(10), images_in_acquisition=10,
+                        tolerance=0.05, carried=10).complete
+    assert check_series(_rows(10), images_in_acquisition=None,
+                        tolerance=0.05, carried=10).complete
 
 
 def test_count_below_images_in_acquisition_is_not_complete() -> None:
-    verdict = check_series(_rows(9), images_in_acquisition=10, tolerance=0.05)
+    verdict = check_series(_rows(9), images_in_acquisition=10,
+                        tolerance=0.05, carried=9)
     assert not verdict.complete and "9 of 10" in verdict.reason
 
 
 def test_gap_in_instance_numbers_is_not_complete() -> None:
     rows = _rows(10)
     del rows[4]
-    verdict = check_series(rows, images_in_acquisition=None, tolerance=0.05)
+    verdict = check_series(rows, images_in_acquisition=None, tolerance=0.05,
+                        carried=len(rows))
     assert not verdict.complete and "not contiguous" in verdict.reason
 
 
 def test_uneven_spacing_is_not_complete() -> None:
     rows = [(i + 1, 0.0, 0.0, z, AXIAL) for i, z in enumerate([0, 2, 4, 7, 9, 11])]
-    verdict = check_series(rows, images_in_acquisition=None, tolerance=0.05)
+    verdict = check_series(rows, images_in_acquisition=None, tolerance=0.05,
+                        carried=len(rows))
     assert not verdict.complete and "uneven" in verdict.reason
 
 
 def test_mixed_orientation_and_missing_position() -> None:
     rows = _rows(4)
     rows[1] = (2, 0.0, 0.0, 2.0, "0\\1\\0\\0\\0\\-1")
-    assert not check_series(rows, images_in_acquisition=None, tolerance=0.05).complete
+    assert not check_series(rows, images_in_acquisition=None, tolerance=0.05,
+                        carried=len(rows)).complete
     rows = _rows(4)
     rows[2] = (3, None, None, None, AXIAL)
-    assert not check_series(rows, images_in_acquisition=None, tolerance=0.05).complete
+    assert not check_series(rows, images_in_acquisition=None, tolerance=0.05,
+                        carried=len(rows)).complete
 
 
 def test_duplicate_positions_and_single_instance() -> None:
     rows = [(i + 1, 0.0, 0.0, 0.0, AXIAL) for i in range(3)]
-    assert not check_series(rows, images_in_acquisition=None, tolerance=0.05).complete
-    assert not check_series(_rows(1), images_in_acquisition=None, tolerance=0.05).complete
-    assert check_series(_rows(1), images_in_acquisition=1, tolerance=0.05).complete
+    assert not check_series(rows, images_in_acquisition=None, tolerance=0.05,
+                        carried=len(rows)).complete
+    assert not check_series(_rows(1), images_in_acquisition=None,
+                        tolerance=0.05, carried=1).complete
+    assert check_series(_rows(1), images_in_acquisition=1,
+                        tolerance=0.05, carried=1).complete
+
+
+def test_geometry_proves_only_what_one_association_carried() -> None:
+    # one association per instance (or a series split over parallel associations): the
+    # first two slices are as contiguous and evenly spaced as a whole series
+    verdict = check_series(_rows(2), images_in_acquisition=None, tolerance=0.05, carried=1)
+    assert not verdict.complete and "carried 1 of its 2" in verdict.reason
+    assert not check_series(_rows(10), images_in_acquisition=None, tolerance=0.05,
+                            carried=0).complete            # not known: no proof
+    # with ImagesInAcquisition the count proves it, however many associations
+    assert check_series(_rows(10), images_in_acquisition=10, tolerance=0.05,
+                        carried=3).complete
+
+
+def test_one_association_per_instance_completes_once_after_the_quiet_period(
+        tmp_path: Path) -> None:
+    rig = Rig(tmp_path, series_quiet_seconds=5.0, study_quiet_seconds=6.0)
+    series = small_series(5)
+    for ds in series.datasets:
+        del ds.ImagesInAcquisition              # as many CT and MR series have none
+        rig.intake.store(encode(ds))
+        assert rig.assembly.on_association_released({series.series_instance_uid: 1}) == []
+    assert rig.assembly.tick() == []
+    done = rig.assembly.tick(utcnow() + timedelta(seconds=6.5))
+    assert {(u.level, u.reason, u.generation) for u in done} == {
+        ("series", CompletionReasonValues.QUIET, 1), ("study", CompletionReasonValues.QUIET, 1)}
+    assert [u.level for u in rig.planner.units] == ["series", "study"]   # routed once
 
 
 def test_fast_path_on_release(tmp_path: Path) -> None:
@@ -64,7 +101,7 @@ def test_fast_path_on_release(tmp_path: Path) -> None:
     series = small_series(5)
     for ds in series.datasets:
         rig.intake.store(encode(ds))
-    done = rig.assembly.on_association_released({series.series_instance_uid})
+    done = rig.assembly.on_association_released({series.series_instance_uid: 5})
     reasons = {(u.level, u.reason) for u in done}
     assert ("series", CompletionReasonValues.FAST_PATH) in reasons
     assert ("study", CompletionReasonValues.FAST_PATH) in reasons
@@ -76,7 +113,7 @@ def test_missing_slice_waits_for_quiet_period(tmp_path: Path) -> None:
     series = small_series(6, omit=(3,))
     for ds in series.datasets:
         rig.intake.store(encode(ds))
-    assert rig.assembly.on_association_released({series.series_instance_uid}) == []
+    assert rig.assembly.on_association_released({series.series_instance_uid: 5}) == []
     assert rig.assembly.tick() == []
     later = rig.assembly.tick(utcnow() + timedelta(seconds=5.5))
     assert [(u.level, u.reason) for u in later] == [("series", CompletionReasonValues.QUIET)]
@@ -100,7 +137,7 @@ def test_late_instance_opens_a_follow_up_generation(tmp_path: Path) -> None:
     series = small_series(5)
     for ds in series.datasets[:4]:
         rig.intake.store(encode(ds))
-    first = rig.assembly.on_association_released({series.series_instance_uid})
+    first = rig.assembly.on_association_released({series.series_instance_uid: 4})
     assert first == []   # 4 of 5 (ImagesInAcquisition) - not provable
     rig.assembly.tick(utcnow() + timedelta(seconds=60))
     with Session(rig.engine) as s:
@@ -112,7 +149,7 @@ def test_late_instance_opens_a_follow_up_generation(tmp_path: Path) -> None:
         study = s.get(StudyRow, row.study_instance_uid if row else "")
         assert row is not None and row.state == "receiving" and row.generation == 2
         assert study is not None and study.generation == 2
-    again = rig.assembly.on_association_released({series.series_instance_uid})
+    again = rig.assembly.on_association_released({series.series_instance_uid: 1})
     assert [(u.level, u.generation) for u in again] == [("series", 2), ("study", 2)]
 
 
@@ -121,7 +158,7 @@ def test_duplicate_after_completion_does_not_reopen(tmp_path: Path) -> None:
     series = small_series(3)
     for ds in series.datasets:
         rig.intake.store(encode(ds))
-    rig.assembly.on_association_released({series.series_instance_uid})
+    rig.assembly.on_association_released({series.series_instance_uid: 3})
     rig.intake.store(encode(series.datasets[0]))   # PACS resends the same instance
     with Session(rig.engine) as s:
         row = s.get(SeriesRow, series.series_instance_uid)
@@ -139,7 +176,7 @@ def test_study_fast_path_needs_every_series_in_the_association(tmp_path: Path) -
         rig.intake.store(encode(ds))
     for ds in b.datasets:
         rig.intake.store(encode(ds))
-    done = rig.assembly.on_association_released({a.series_instance_uid})
+    done = rig.assembly.on_association_released({a.series_instance_uid: 3})
     assert [u.level for u in done] == ["series"]     # b still open: study waits
-    done = rig.assembly.on_association_released({b.series_instance_uid})
+    done = rig.assembly.on_association_released({b.series_instance_uid: 3})
     assert [u.level for u in done] == ["series"]     # study not carried whole by one association

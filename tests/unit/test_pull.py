@@ -49,12 +49,12 @@ class FolderSource:
 def test_each_series_is_fetched_once_and_again_only_when_it_grows(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
     folder = FolderSource()
-    released: list[set[str]] = []
+    released: list[dict[str, int]] = []
     puller = Puller(rig.intake, rig.engine, folder, on_released=released.append)
     _, first, _ = folder.add(1)
     report = puller.poll(SOURCE)
     assert (report.offered, report.fetched, report.instances) == (1, 1, 4)
-    assert released == [{first}]
+    assert released == [{first: 4}]         # the series and the instances fetched of it
     assert puller.poll(SOURCE).fetched == 0
     # a restart is a new Puller on the same database: still nothing to fetch
     again = Puller(rig.intake, rig.engine, folder)
