@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
 
 from bench.common import append_results, command_line, machine, revision  # noqa: E402
 from node import synth  # noqa: E402
+from node.settings import AUTO_LISTENERS_MAX, usable_cpus  # noqa: E402
 from tests.support import (  # noqa: E402
     TCP_ENV, NodeProcess, Orthanc, free_port, proc_status_kib, storescu, wait_for,
     write_config)
@@ -81,7 +82,7 @@ def completion_run(work: Path, files: Sequence[Path], *, fast_path: bool,
                                 stderr=subprocess.DEVNULL)
     (work / "sink").mkdir(parents=True, exist_ok=True)
     config = write_config(
-        work / "node",
+        work / "node", node={"listener_processes": "auto"},      # the shipped default
         assembly={"fast_path": fast_path, "series_quiet_seconds": quiet,
                   "study_quiet_seconds": quiet + 1, "check_interval_seconds": 0.1},
         destinations=[{"name": "sink", "kind": "dimse", "ae_title": "SINK",
@@ -174,7 +175,7 @@ def start_pair(work: Path) -> tuple[NodeProcess, Orthanc]:
     orthanc = Orthanc(work / "orthanc", modalities={
         "pacsnode": ["PACSNODE", "127.0.0.1", node_port]}).start()
     config = write_config(
-        work / "node", node={"port": node_port},
+        work / "node", node={"port": node_port, "listener_processes": "auto"},
         models=[{"name": "lesion-ct", "path": str(BUNDLE), "device": "cpu"}],
         destinations=[{"name": "pacs", "kind": "dimse", "ae_title": orthanc.aet,
                        "host": "127.0.0.1", "port": orthanc.dicom_port}],
@@ -237,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     header = (f"- command: `{command_line('bench/latency.py')}`\n- machine: {machine()}\n"
-              f"- revision: {revision()}\n")
+              f"- revision: {revision()}\n- node: listener_processes = \"auto\" (the default: "
+              f"{min(usable_cpus(), AUTO_LISTENERS_MAX)} here)\n")
     sections = []
     with tempfile.TemporaryDirectory(prefix="pacsnode-latency-") as tmp:
         work = Path(tmp)
