@@ -75,14 +75,14 @@ class Completion:
 
 
 def completion_run(work: Path, files: Sequence[Path], *, fast_path: bool,
-                   quiet: float) -> Completion:
+                   quiet: float, listeners: int | str = "auto") -> Completion:
     sink = free_port()
     storescp = subprocess.Popen(["storescp", "--fork", "-od", str(work / "sink"), str(sink)],
                                 env=TCP_ENV, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
     (work / "sink").mkdir(parents=True, exist_ok=True)
     config = write_config(
-        work / "node", node={"listener_processes": "auto"},      # the shipped default
+        work / "node", node={"listener_processes": listeners},
         assembly={"fast_path": fast_path, "series_quiet_seconds": quiet,
                   "study_quiet_seconds": quiet + 1, "check_interval_seconds": 0.1},
         destinations=[{"name": "sink", "kind": "dimse", "ae_title": "SINK",
@@ -170,12 +170,12 @@ def end_to_end(node: NodeProcess, orthanc: Orthanc, study: synth.SyntheticStudy,
                     _hwm_mib(int(status["pid"])))
 
 
-def start_pair(work: Path) -> tuple[NodeProcess, Orthanc]:
+def start_pair(work: Path, listeners: int | str = "auto") -> tuple[NodeProcess, Orthanc]:
     node_port = free_port()
     orthanc = Orthanc(work / "orthanc", modalities={
         "pacsnode": ["PACSNODE", "127.0.0.1", node_port]}).start()
     config = write_config(
-        work / "node", node={"port": node_port, "listener_processes": "auto"},
+        work / "node", node={"port": node_port, "listener_processes": listeners},
         models=[{"name": "lesion-ct", "path": str(BUNDLE), "device": "cpu"}],
         destinations=[{"name": "pacs", "kind": "dimse", "ae_title": orthanc.aet,
                        "host": "127.0.0.1", "port": orthanc.dicom_port}],
@@ -234,12 +234,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--memory-slices", type=int, default=0,
                         help="also push a study this deep and record peak memory")
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--listeners", default="auto", metavar="N",
+                        help='[node] listener_processes: "auto" (the default) or a number')
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args(argv)
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    listeners: int | str = "auto" if args.listeners == "auto" else int(args.listeners)
+    listeners_text = (f'"auto" (the default: {min(usable_cpus(), AUTO_LISTENERS_MAX)} here)'
+                      if listeners == "auto" else str(listeners))
     header = (f"- command: `{command_line('bench/latency.py')}`\n- machine: {machine()}\n"
-              f"- revision: {revision()}\n- node: listener_processes = \"auto\" (the default: "
-              f"{min(usable_cpus(), AUTO_LISTENERS_MAX)} here)\n")
+              f"- revision: {revision()}\n- node: listener_processes = {listeners_text}\n")
     sections = []
     with tempfile.TemporaryDirectory(prefix="pacsnode-latency-") as tmp:
         work = Path(tmp)
@@ -248,9 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = []
         for i in range(args.repeat):
             rows.append(completion_run(work / f"fast{i}", small, fast_path=True,
-                                       quiet=args.quiet))
+                                       quiet=args.quiet, listeners=listeners))
             rows.append(completion_run(work / f"quiet{i}", small, fast_path=False,
-                                       quiet=args.quiet))
+                                       quiet=args.quiet, listeners=listeners))
         table = completion_table(rows)
         print(table)
         sections.append(
@@ -259,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"- route: forward only (no model), job claimed as seen by polling the index "
             f"every 2 ms\n- target (issue 9): fast path under 1 s\n\n{table}\n")
         if not args.skip_e2e:
-            node, orthanc = start_pair(work / "pair")
+            node, orthanc = start_pair(work / "pair", listeners)
             try:
                 results = []
                 studies = [("first", 7201, args.slices), ("second", 7202, args.slices)]
