@@ -32,9 +32,8 @@ Here:
 
 Only acceptor associations made by our listener use these classes
 (:class:`WakingRequestHandler`); pynetdicom's state machine (but for AE-7), association
-negotiation,
-the decoding of PDUs other than P-DATA-TF, DIMSE messages other than those C-STOREs, and
-its service classes are its own. Measured in bench/RESULTS.md (issue 2).
+negotiation, the decoding of PDUs other than P-DATA-TF, DIMSE messages other than those
+C-STOREs, and its service classes are its own. Measured in bench/RESULTS.md (issues 2, 9).
 """
 
 from __future__ import annotations
@@ -42,7 +41,6 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-from collections import OrderedDict
 import queue
 import select
 import socket
@@ -50,6 +48,7 @@ import ssl
 import struct
 import threading
 import time
+from collections import OrderedDict
 from typing import Any, cast
 
 from pynetdicom import evt

@@ -161,12 +161,15 @@ def test_explain_by_study_uid_and_reload_without_dropping_associations(
     big_uid, big = _study(tmp_path, "mr2", synth.SeriesSpec(modality="MR", slices=120,
                                                             rows=256, columns=256), 62)
     before = index.counts()[2]
-    sender = subprocess.Popen(["storescu", "-aec", "PACSNODE", "127.0.0.1", str(node.port),
-                               *map(str, big)], env=TCP_ENV, stderr=subprocess.PIPE)
+    # (each file sent four times over the one association: it lasts well past the
+    # reload, which the node's main loop takes up within 0.2 s)
+    sender = subprocess.Popen(["storescu", "--repeat", "4", "-aec", "PACSNODE", "127.0.0.1",
+                               str(node.port), *map(str, big)], env=TCP_ENV,
+                              stderr=subprocess.PIPE)
     wait_for(lambda: index.counts()[2] >= before + 10, timeout=30, interval=0.01)
     node.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: node.log().count("reloaded") == 2, timeout=10, interval=0.01)
-    assert index.counts()[2] < before + len(big), "the transfer ended before the reload"
+    assert sender.poll() is None, "the transfer ended before the reload"
     assert sender.wait(60) == 0                       # the association was not dropped
     assert index.counts()[2] == before + len(big)
     jobs = wait_for(lambda: index.jobs(), timeout=20)
