@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from sqlalchemy import Engine, Select, bindparam, or_, select
+from sqlalchemy import Engine, Select, bindparam, func, or_, select
 from sqlalchemy.orm import Session
 
 from node.db import InstanceRow, SeriesRow, StudyRow, begin_write
@@ -63,6 +63,14 @@ def _past_due(model: type[SeriesRow] | type[StudyRow]) -> Select[str]:
 
 _DUE_SERIES = _past_due(SeriesRow)
 _DUE_STUDY = _past_due(StudyRow)
+# A released series' state, ImagesInAcquisition and instance count, for the look before
+# the write lock (on_association_released).
+_SERIES_COUNT = (
+    select(SeriesRow.state, SeriesRow.images_in_acquisition,
+           select(func.count()).where(InstanceRow.series_instance_uid
+                                      == SeriesRow.series_instance_uid).scalar_subquery())
+    .where(SeriesRow.series_instance_uid == bindparam("uid"))
+)
 
 
 class Planner(Protocol):
@@ -77,6 +85,19 @@ class Verdict:
     reason: str
 
 
+def counts_rule_out(n: int, *, images_in_acquisition: int | None, carried: int) -> str | None:
+    """Why a series of ``n`` instances cannot be proven complete by its counts alone, or
+    None when the counts allow it (the geometry decides)."""
+    if n == 0:
+        return "no instances"
+    if images_in_acquisition and n != images_in_acquisition:
+        return f"{n} of {images_in_acquisition} instances (ImagesInAcquisition)"
+    if not images_in_acquisition and carried < n:
+        return (f"the association carried {carried} of its {n} instances and there is no "
+                "ImagesInAcquisition to count them against")
+    return None
+
+
 def check_series(
     rows: Iterable[tuple[int | None, float | None, float | None, float | None, str | None]],
     *,
@@ -89,13 +110,10 @@ def check_series(
     (0: not known)."""
     items = list(rows)
     n = len(items)
-    if n == 0:
-        return Verdict(False, "no instances")
-    if images_in_acquisition and n != images_in_acquisition:
-        return Verdict(False, f"{n} of {images_in_acquisition} instances (ImagesInAcquisition)")
-    if not images_in_acquisition and carried < n:
-        return Verdict(False, f"the association carried {carried} of its {n} instances and "
-                              "there is no ImagesInAcquisition to count them against")
+    ruled_out = counts_rule_out(n, images_in_acquisition=images_in_acquisition,
+                                carried=carried)
+    if ruled_out is not None:
+        return Verdict(False, ruled_out)
     numbers = [r[0] for r in items]
     if any(v is None for v in numbers):
         return Verdict(False, "an instance has no InstanceNumber")
@@ -149,10 +167,13 @@ class Assembly:
             return []
         done: list[CompletedUnit] = []
         uids = set(carried)
+        candidates = self._worth_a_look(carried)
+        if not candidates:
+            return done
         with self._lock, Session(self.engine) as session, session.begin():
             begin_write(session.connection())   # listener processes write beside us
             studies: set[str] = set()
-            for uid in sorted(uids):
+            for uid in sorted(candidates):
                 series = session.get(SeriesRow, uid, with_for_update=_LOCK)
                 if series is None or series.state != RECEIVING:
                     continue
@@ -175,6 +196,28 @@ class Assembly:
                     done.append(self._complete_study(session, study,
                                                      CompletionReasonValues.FAST_PATH))
         return done
+
+    def _worth_a_look(self, carried: Mapping[str, int]) -> set[str]:
+        """The released series, still receiving, whose counts allow a proof; asked
+        before the write lock, which the intake of every listener process waits for
+        while it is held. Those the counts rule out are logged and need no locked look:
+        for them to become provable, more instances must arrive, and the release that
+        brings them looks again (the quiet period remains in any case). A study can only
+        complete here with all its series, so it needs one of these too."""
+        worth: set[str] = set()
+        with self.engine.connect() as conn:
+            for uid in sorted(carried):
+                row = conn.execute(_SERIES_COUNT, {"uid": uid}).first()
+                if row is None or row[0] != RECEIVING:
+                    continue
+                ruled_out = counts_rule_out(int(row[2]), images_in_acquisition=row[1],
+                                            carried=carried[uid])
+                if ruled_out is None:
+                    worth.add(uid)
+                else:
+                    log.info("series %s not provably complete at release (%s); waiting %.1f s",
+                             uid, ruled_out, self.settings.series_quiet_seconds)
+        return worth
 
     def tick(self, now: datetime | None = None) -> list[CompletedUnit]:
         """Complete what has been quiet long enough or passed its hard deadline."""

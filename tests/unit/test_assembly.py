@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 
 from node.assembly import check_series
 from node.db import SeriesRow, StudyRow
-from node.domain import CompletionReasonValues
+from node.domain import CompletedUnit, CompletionReasonValues
 from node.intake import utcnow
 from tests.unit.helpers import Rig, encode, small_series
 
@@ -94,6 +94,45 @@ def test_one_association_per_instance_completes_once_after_the_quiet_period(
     assert {(u.level, u.reason, u.generation) for u in done} == {
         ("series", CompletionReasonValues.QUIET, 1), ("study", CompletionReasonValues.QUIET, 1)}
     assert [u.level for u in rig.planner.units] == ["series", "study"]   # routed once
+
+
+def test_a_release_the_counts_rule_out_takes_no_write_lock(tmp_path: Path) -> None:
+    """Another process writing (a listener child indexing) holds SQLite's write lock: a
+    release whose series its counts rule out is answered without waiting for it, and
+    one that may complete waits for it as before."""
+    import sqlite3
+    import threading
+
+    rig = Rig(tmp_path)
+    series = small_series(5)
+    for ds in series.datasets:
+        del ds.ImagesInAcquisition
+        rig.intake.store(encode(ds))
+    uid = series.series_instance_uid
+    writer = sqlite3.connect(tmp_path / "index.db", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    results: list[list[CompletedUnit]] = []
+
+    def release(count: int) -> threading.Thread:
+        thread = threading.Thread(
+            target=lambda: results.append(list(rig.assembly.on_association_released(
+                {uid: count}))), daemon=True)
+        thread.start()
+        return thread
+
+    try:
+        ruled_out = release(1)              # carried 1 of 5, no ImagesInAcquisition
+        ruled_out.join(5)
+        assert not ruled_out.is_alive() and results == [[]]
+        whole = release(5)                  # carried all 5: needs the lock to complete
+        whole.join(0.5)
+        assert whole.is_alive()
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    whole.join(10)
+    assert [(u.level, u.reason) for u in results[1]] == [
+        ("series", CompletionReasonValues.FAST_PATH), ("study", CompletionReasonValues.FAST_PATH)]
 
 
 def test_fast_path_on_release(tmp_path: Path) -> None:
