@@ -6,6 +6,7 @@ Imported by the scripts in this folder after they put the repository root on
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import shlex
@@ -14,7 +15,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from node.settings import auto_listener_processes
+
 ROOT = Path(__file__).resolve().parent.parent
+AUTO = "auto"  # [node] listener_processes = "auto", the shipped default
 RESULTS = ROOT / "bench" / "RESULTS.md"
 RESULTS_HEADER = """\
 # Benchmark results
@@ -23,6 +27,21 @@ Figures below are appended by the scripts in this folder (see README.md), one se
 per run, with the machine, the date (UTC) and the exact command. Do not edit them by
 hand; compare only figures measured in the same run.
 """
+
+
+def listeners_arg(text: str) -> int | str:
+    """A ``--listeners`` value: "auto" or a number of processes."""
+    if text == AUTO:
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r}: a number or "auto"') from None
+
+
+def listener_count(listeners: int | str) -> int:
+    """The processes ``listener_processes = listeners`` gives on this machine."""
+    return auto_listener_processes() if listeners == AUTO else int(listeners)
 
 
 def first_line(cmd: Sequence[str]) -> str:

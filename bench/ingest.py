@@ -55,14 +55,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import (
+    AUTO,
     RESULTS,
     append_results,
     command_line,
     first_line,
+    listener_count,
+    listeners_arg,
     machine,
     revision,
 )
-from node.settings import AUTO_LISTENERS_MAX, usable_cpus
 from node.synth import SeriesSpec, make_study, write_study
 from tests.support import (
     TCP_ENV,
@@ -73,7 +75,6 @@ from tests.support import (
 )
 
 RECEIVERS = ("storescp", "orthanc", "pacsnode")
-AUTO = "auto"  # [node] listener_processes = "auto", the shipped default
 
 
 @dataclass(frozen=True)
@@ -163,11 +164,6 @@ def start_orthanc(work: Path) -> Receiver:
 
 def pacsnode_name(listeners: int | str) -> str:
     return "pacsnode" if listeners == AUTO else f"pacsnode-l{listeners}"
-
-
-def listener_count(listeners: int | str) -> int:
-    """The processes ``listener_processes = listeners`` gives on this machine."""
-    return min(usable_cpus(), AUTO_LISTENERS_MAX) if listeners == AUTO else int(listeners)
 
 
 def start_pacsnode(work: Path, tree: Path = ROOT, name: str = "pacsnode", *,
@@ -398,16 +394,6 @@ def temp_dir(parent: str | None) -> Iterator[Path]:
         print(f"failed; logs kept in {path}", file=sys.stderr)
         raise
     shutil.rmtree(path, ignore_errors=True)
-
-
-def listeners_arg(text: str) -> int | str:
-    """``--listeners``: "auto" or a number."""
-    if text == AUTO:
-        return AUTO
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r}: a number or "auto"') from None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -38,9 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import append_results, command_line, machine, revision  # noqa: E402
+from bench.common import (  # noqa: E402
+    AUTO, append_results, command_line, listener_count, listeners_arg, machine, revision)
 from node import synth  # noqa: E402
-from node.settings import AUTO_LISTENERS_MAX, usable_cpus  # noqa: E402
 from tests.support import (  # noqa: E402
     TCP_ENV, NodeProcess, Orthanc, free_port, proc_status_kib, storescu, wait_for,
     write_config)
@@ -75,7 +75,7 @@ class Completion:
 
 
 def completion_run(work: Path, files: Sequence[Path], *, fast_path: bool,
-                   quiet: float, listeners: int | str = "auto") -> Completion:
+                   quiet: float, listeners: int | str = AUTO) -> Completion:
     sink = free_port()
     storescp = subprocess.Popen(["storescp", "--fork", "-od", str(work / "sink"), str(sink)],
                                 env=TCP_ENV, stdout=subprocess.DEVNULL,
@@ -170,7 +170,7 @@ def end_to_end(node: NodeProcess, orthanc: Orthanc, study: synth.SyntheticStudy,
                     _hwm_mib(int(status["pid"])))
 
 
-def start_pair(work: Path, listeners: int | str = "auto") -> tuple[NodeProcess, Orthanc]:
+def start_pair(work: Path, listeners: int | str = AUTO) -> tuple[NodeProcess, Orthanc]:
     node_port = free_port()
     orthanc = Orthanc(work / "orthanc", modalities={
         "pacsnode": ["PACSNODE", "127.0.0.1", node_port]}).start()
@@ -234,14 +234,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--memory-slices", type=int, default=0,
                         help="also push a study this deep and record peak memory")
     parser.add_argument("--skip-e2e", action="store_true")
-    parser.add_argument("--listeners", default="auto", metavar="N",
+    parser.add_argument("--listeners", type=listeners_arg, default=AUTO, metavar="N",
                         help='[node] listener_processes: "auto" (the default) or a number')
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args(argv)
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    listeners: int | str = "auto" if args.listeners == "auto" else int(args.listeners)
-    listeners_text = (f'"auto" (the default: {min(usable_cpus(), AUTO_LISTENERS_MAX)} here)'
-                      if listeners == "auto" else str(listeners))
+    listeners: int | str = args.listeners
+    listeners_text = (f'"auto" (the default: {listener_count(AUTO)} here)'
+                      if listeners == AUTO else str(listeners))
     header = (f"- command: `{command_line('bench/latency.py')}`\n- machine: {machine()}\n"
               f"- revision: {revision()}\n- node: listener_processes = {listeners_text}\n")
     sections = []

@@ -70,9 +70,14 @@ def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     return max(1, cpus)
 
 
+def auto_listener_processes() -> int:
+    """What ``listener_processes = "auto"`` gives on this machine."""
+    return min(usable_cpus(), AUTO_LISTENERS_MAX)
+
+
 def _listener_count(value: Any) -> Any:
     if value == "auto":
-        return min(usable_cpus(), AUTO_LISTENERS_MAX)
+        return auto_listener_processes()
     if isinstance(value, str):
         raise ValueError('a number of processes or "auto"')
     return value
