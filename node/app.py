@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import json
 import queue
 import secrets
 import selectors
@@ -30,7 +29,7 @@ from node.db import is_postgresql, open_database
 from node.forward import make_forward_handler
 from node.heap import settle_heap
 from node.intake import Intake
-from node.listener import listener_counters, remove_statuses
+from node.listener import listener_counters, read_release, remove_statuses
 from node.metrics import Metrics, exposition
 from node.notify import notify, watchdog_interval
 from node.jobs import Job, JobRunner, JobStateValues, JobStore, owner_name
@@ -456,17 +455,6 @@ class WorkerSupervisor:
                 proc.wait(10)
 
 
-def _carried(message: object) -> dict[str, int]:
-    """A listener child's release line: {series UID: instances carried}. A plain list of
-    series UIDs (a child of an earlier version, during an upgrade) carries counts of 0:
-    not known, so that only ImagesInAcquisition can prove those series complete."""
-    if isinstance(message, dict):
-        return {str(uid): int(count) for uid, count in message.items()}
-    if isinstance(message, list):
-        return {str(uid): 0 for uid in message}
-    raise TypeError(f"a JSON object or list, not {type(message).__name__}")
-
-
 class ListenerSupervisor(WorkerSupervisor):
     """The listener children of ``[node] listener_processes`` (node/listener.py), run and
     restarted like workers. Each gets the write end of a pipe on which it announces its
@@ -533,7 +521,7 @@ class ListenerSupervisor(WorkerSupervisor):
         self._partial[fd] = rest
         for line in lines:
             try:
-                carried = _carried(json.loads(line))
+                carried = read_release(line)
             except (ValueError, TypeError):
                 log.error("listener pipe: unreadable line of %d bytes ignored", len(line))
                 continue

@@ -50,6 +50,19 @@ log = logging.getLogger(__name__)
 STATUS_INTERVAL = 1.0
 
 
+def read_release(line: bytes) -> dict[str, int]:
+    """A release line of :meth:`ListenerNode._announce`: {series UID: instances carried}.
+    A plain list of series UIDs (a child of an earlier version, during an upgrade) carries
+    counts of 0: not known, so that only ImagesInAcquisition can prove those series
+    complete. Raises ValueError or TypeError for anything else."""
+    message = json.loads(line)
+    if isinstance(message, dict):
+        return {str(uid): int(count) for uid, count in message.items()}
+    if isinstance(message, list):
+        return {str(uid): 0 for uid in message}
+    raise TypeError(f"a JSON object or list, not {type(message).__name__}")
+
+
 def status_prefix(settings: Settings) -> str:
     """File name start of the status files of this receiver's children (one receiver per
     port and host may share a spool with others: PostgreSQL)."""

@@ -64,13 +64,15 @@ def test_settings_made_in_code_run_one_listener_process(
 
 
 def test_a_childs_release_line_carries_instance_counts() -> None:
-    from node.app import _carried
+    from node.listener import read_release
 
-    assert _carried({"1.2.3": 75, "1.2.4": 1}) == {"1.2.3": 75, "1.2.4": 1}
+    assert read_release(b'{"1.2.3": 75, "1.2.4": 1}\n') == {"1.2.3": 75, "1.2.4": 1}
     # a child of the version before (during an upgrade) sent bare series UIDs: counts not
     # known, so only ImagesInAcquisition can complete those series at release
-    assert _carried(["1.2.3"]) == {"1.2.3": 0}
+    assert read_release(b'["1.2.3"]') == {"1.2.3": 0}
     with pytest.raises(TypeError):
-        _carried("1.2.3")
+        read_release(b'"1.2.3"')
     with pytest.raises(ValueError):
-        _carried({"1.2.3": "many"})
+        read_release(b'{"1.2.3": "many"}')
+    with pytest.raises(ValueError):
+        read_release(b'{"1.2.3": ')
