@@ -6,6 +6,8 @@ JSON column holds them.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from node.errors import ConfigError
 from node.settings import StorageSettings
+
+# How long a connection waits for SQLite's write lock before "database is locked".
+BUSY_TIMEOUT_MS = 30000
+# The first waits of begin_immediate, seconds (~14 ms in all), before busy_timeout's.
+QUICK_WAITS = (0.00005, 0.0001, 0.0002) + (0.0004,) * 35
 
 
 class Base(DeclarativeBase):
@@ -171,7 +178,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # and startup reconciliation indexes any file whose row was lost with the OS.
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cur.close()
 
 
@@ -180,10 +187,39 @@ def begin_write(conn: Connection) -> None:
 
     pysqlite begins a transaction only at the first write, so the reads before it see
     whatever other processes (listener children, node/listener.py) commit meanwhile;
-    BEGIN IMMEDIATE makes the whole transaction one consistent step, waiting up to
-    busy_timeout for the lock. PostgreSQL locks rows instead (FOR UPDATE)."""
+    BEGIN IMMEDIATE makes the whole transaction one consistent step, waiting for the
+    lock as :func:`begin_immediate` does. PostgreSQL locks rows instead (FOR UPDATE)."""
     if conn.dialect.name == "sqlite":
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        begin_immediate(conn.connection.dbapi_connection)
+
+
+def begin_immediate(dbapi_connection: Any) -> None:
+    """BEGIN IMMEDIATE on a pysqlite connection, retried in short steps while another
+    connection holds the write lock, before SQLite's own busy handler takes over.
+
+    That handler sleeps 1, 2, 5, 10, ... ms between tries. An instance's index write holds
+    the lock for a fraction of a millisecond, so when two listener processes met there,
+    the later one slept 1-3 ms for a lock free again after ~0.2 ms, on the critical path
+    of its sender's next C-STORE (measured: BEGIN IMMEDIATE took 0.34 ms on average
+    with four senders, up to 19 ms). The first tries here come at :data:`QUICK_WAITS`
+    (busy_timeout 0 meanwhile); after them the usual wait of up to busy_timeout."""
+    cur = dbapi_connection.cursor()
+    try:
+        cur.execute("PRAGMA busy_timeout=0")
+        try:
+            for wait in QUICK_WAITS:
+                try:
+                    cur.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as exc:
+                    if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                        raise
+                time.sleep(wait)
+        finally:
+            cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        cur.execute("BEGIN IMMEDIATE")
+    finally:
+        cur.close()
 
 
 def is_postgresql(engine: Engine) -> bool:

@@ -25,7 +25,7 @@ from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from node.db import InstanceRow, SeriesRow, StudyRow, begin_write
+from node.db import InstanceRow, SeriesRow, StudyRow, begin_immediate, begin_write
 from node.digest import digest_of, hasher, hexdigest, same_content
 from node.domain import (
     AssociationInfo,
@@ -561,7 +561,7 @@ def _index_sqlite_common(dbapi: Any, header: InstanceHeader, rel: str, staged: S
     stamp = _sqlite_time(now)
     cur = dbapi.cursor()
     try:
-        cur.execute("BEGIN IMMEDIATE")   # as begin_write: read-then-write, one step
+        begin_immediate(dbapi)      # as begin_write: read-then-write, one step
         try:
             existing = cur.execute(*_bound(_SELECT_DIGEST, uid=header.sop_instance_uid)
                                    ).fetchone()
