@@ -9,6 +9,7 @@ why a peer was turned away.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import logging
 import socket
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.filereader import read_file_meta_info
+from pydicom.pixels.decoders.base import get_decoder
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -55,6 +57,22 @@ from node.settings import (
 from node.transcode import convert_file
 
 log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=256)
+def decodable(transfer_syntax: str) -> bool:
+    """Can this node read data sets and pixel data in this transfer syntax (pydicom and
+    the codecs installed: the uncompressed ones, JPEG, JPEG-LS, JPEG 2000, RLE)?"""
+    try:
+        return bool(get_decoder(transfer_syntax).is_available)
+    except (NotImplementedError, ValueError):
+        return False
+
+
+def preferred_order(proposed: Sequence[str]) -> list[str]:
+    """A presentation context's transfer syntaxes as this node prefers them: those it
+    can decode first, then the rest, each group in the order proposed."""
+    return sorted(proposed, key=lambda uid: not decodable(uid))
 
 
 class StatusValues:
@@ -170,6 +188,22 @@ ACCEPT_DEFERRAL = 0.002
 RECENT_ACCEPT = 0.05
 
 
+def _prefer_decodable(event: Any) -> None:
+    """Before negotiation: put first, in each proposed presentation context, the transfer
+    syntaxes this node can decode. pynetdicom's unrestricted storage service (every
+    Storage SOP class, private ones too) accepts each context with its first proposed
+    transfer syntax; a sender proposing, say, a private compression and then Explicit VR
+    Little Endian in one context would otherwise get the one no model here can read.
+    A context with none this node can decode keeps its first: the instance is stored
+    as sent (and can be forwarded), though no model will run on it."""
+    for context in event.assoc.requestor.primitive.presentation_context_definition_list:
+        proposed = context.transfer_syntax
+        if len(proposed) > 1 and not decodable(proposed[0]):
+            order = preferred_order(proposed)
+            if order[0] != proposed[0]:
+                context.transfer_syntax = order
+
+
 class SharedSocketServer(ThreadedAssociationServer):
     """The listener of several processes on one port (node/listener.py): they all accept
     from one listening socket, made by the receiver (``listen_fd`` None) and inherited by
@@ -280,6 +314,7 @@ class DimseReceiver:
             (evt.EVT_CONN_CLOSE, self._on_closed),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REQUESTED, _prefer_decodable),
         ]
         ae = self.build_ae()
         self._ae = ae
