@@ -29,6 +29,7 @@ from sqlalchemy import (
     inspect,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from node.errors import ConfigError
@@ -190,7 +191,11 @@ def begin_write(conn: Connection) -> None:
     BEGIN IMMEDIATE makes the whole transaction one consistent step, waiting for the
     lock as :func:`begin_immediate` does. PostgreSQL locks rows instead (FOR UPDATE)."""
     if conn.dialect.name == "sqlite":
-        begin_immediate(conn.connection.dbapi_connection)
+        try:
+            begin_immediate(conn.connection.dbapi_connection)
+        except sqlite3.Error as exc:
+            # raised as conn.exec_driver_sql would: callers catch SQLAlchemy's errors
+            raise DBAPIError.instance("BEGIN IMMEDIATE", None, exc, sqlite3.Error) from exc
 
 
 def begin_immediate(dbapi_connection: Any) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from node import db
 from node.db import begin_immediate, make_engine
+from sqlalchemy.exc import OperationalError
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -117,3 +118,19 @@ def test_takes_a_briefly_held_lock_sooner_than_sqlites_busy_handler(database: Pa
     quick = _median_wait(database, begin_immediate, 0.0015, 15)
     handler = _median_wait(database, plain, 0.0015, 15)
     assert quick < handler, (quick, handler)
+
+
+def test_begin_write_raises_sqlalchemys_error(database: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Callers of begin_write (intake, assembly, retention) catch SQLAlchemy's
+    OperationalError, as conn.exec_driver_sql raised it."""
+    monkeypatch.setattr(db, "BUSY_TIMEOUT_MS", 100)
+    engine = make_engine(f"sqlite:///{database}")
+    thread, _ = _hold(database, 0.6)
+    try:
+        with engine.connect() as conn, pytest.raises(OperationalError, match="locked"):
+            with conn.begin():
+                db.begin_write(conn)
+    finally:
+        thread.join()
+        engine.dispose()
