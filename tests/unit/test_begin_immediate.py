@@ -11,10 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from node import db
 from node.db import begin_immediate, make_engine
-from sqlalchemy.exc import OperationalError
 
 
 def _connect(path: Path) -> sqlite3.Connection:
