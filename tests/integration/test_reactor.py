@@ -20,6 +20,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from adapters import reactor
 from adapters.dimse import DimseReceiver
 from adapters.reactor import WakingDUL
 from node.db import InstanceRow
@@ -32,12 +33,18 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def test_stores_and_releases_are_served_and_no_wakeup_socket_is_left(tmp_path: Path) -> None:
-    rig = Rig(tmp_path)
-    released: list[dict[str, int]] = []
+def _receiver(rig: Rig, released: list[dict[str, int]]) -> DimseReceiver:
+    """A started receiver on a free port that records each release's series."""
     receiver = DimseReceiver(NodeSettings(host="127.0.0.1", port=free_port()), rig.intake,
                              on_released=released.append)
     receiver.start()
+    return receiver
+
+
+def test_stores_and_releases_are_served_and_no_wakeup_socket_is_left(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    released: list[dict[str, int]] = []
+    receiver = _receiver(rig, released)
     try:
         series = [small_series(2, seed=seed) for seed in range(12)]
         before = _open_fds()
@@ -192,3 +199,30 @@ def test_with_a_dimse_sent_handler_bound_the_response_goes_through_pynetdicom(
     assert statuses == [0, 0]
     assert set(threads) <= dul_names                   # still read by the fast path
     assert seen == [("C_STORE_RSP", 0), ("C_STORE_RSP", 0)]
+
+
+def test_a_release_is_taken_up_at_once(tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The association thread waits for DIMSE messages up to MAX_WAIT; a peer's
+    A-RELEASE-RQ ends that wait, so the sender is not kept waiting for the A-RELEASE-RP.
+    MAX_WAIT is made long here so that a release seen only after it would show."""
+    monkeypatch.setattr(reactor, "MAX_WAIT", 0.5)
+    released: list[dict[str, int]] = []
+    receiver = _receiver(Rig(tmp_path), released)
+    try:
+        took = []
+        for _ in range(4):
+            ae = AE(ae_title="SCU")
+            ae.add_requested_context(CTImageStorage)
+            assoc = ae.associate("127.0.0.1", receiver.port, ae_title="PACSNODE")
+            assert assoc.is_established
+            assert assoc.send_c_store(small_series(1).datasets[0]).Status == 0
+            time.sleep(0.05)        # the association thread is back in its wait
+            start = time.monotonic()
+            assoc.release()
+            assert assoc.is_released
+            took.append(time.monotonic() - start)
+    finally:
+        receiver.stop()
+    assert max(took) < 0.25, took
+    assert len(released) == 4
