@@ -322,7 +322,7 @@ class WaitingDIMSE(DIMSEServiceProvider):
 
     def __init__(self, assoc: Association) -> None:
         super().__init__(assoc)
-        self.msg_queue = self._counting = _CountingQueue(self)
+        self.msg_queue = _CountingQueue(self)
         self._count_lock = threading.Lock()
         self._handed_over = 0      # queued for the association thread and not yet served
         self._in_hand = False      # (association thread) it took a message and serves it
@@ -334,7 +334,7 @@ class WaitingDIMSE(DIMSEServiceProvider):
     def wake(self) -> None:
         """End the association thread's wait for a message now (something other than a
         message arrived for it); the marker is not a message and is not counted."""
-        self._counting.put_uncounted(_WAKE)
+        cast(_CountingQueue, self.msg_queue).put_uncounted(_WAKE)
 
     def may_serve_now(self) -> bool:
         """On the DUL thread: may a request be served here, now? Only while the

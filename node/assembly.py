@@ -166,7 +166,6 @@ class Assembly:
         if not self.settings.fast_path:
             return []
         done: list[CompletedUnit] = []
-        uids = set(carried)
         candidates = self._worth_a_look(carried)
         if not candidates:
             return done
@@ -183,8 +182,7 @@ class Assembly:
                     done.append(self._complete_series(session, series,
                                                       CompletionReasonValues.FAST_PATH))
                 else:
-                    log.info("series %s not provably complete at release (%s); waiting %.1f s",
-                             uid, verdict.reason, self.settings.series_quiet_seconds)
+                    self._log_waiting(uid, verdict.reason)
             for study_uid in sorted(studies):
                 study = session.get(StudyRow, study_uid, with_for_update=_LOCK)
                 members = session.scalars(
@@ -192,7 +190,7 @@ class Assembly:
                 ).all()
                 if (study is not None and study.state == RECEIVING
                         and all(s.state == COMPLETE for s in members)
-                        and {s.series_instance_uid for s in members} <= uids):
+                        and {s.series_instance_uid for s in members} <= carried.keys()):
                     done.append(self._complete_study(session, study,
                                                      CompletionReasonValues.FAST_PATH))
         return done
@@ -215,9 +213,12 @@ class Assembly:
                 if ruled_out is None:
                     worth.add(uid)
                 else:
-                    log.info("series %s not provably complete at release (%s); waiting %.1f s",
-                             uid, ruled_out, self.settings.series_quiet_seconds)
+                    self._log_waiting(uid, ruled_out)
         return worth
+
+    def _log_waiting(self, uid: str, reason: str) -> None:
+        log.info("series %s not provably complete at release (%s); waiting %.1f s",
+                 uid, reason, self.settings.series_quiet_seconds)
 
     def tick(self, now: datetime | None = None) -> list[CompletedUnit]:
         """Complete what has been quiet long enough or passed its hard deadline."""
