@@ -15,6 +15,7 @@ is configured; the admin token is always accepted there too.
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import logging
 import threading
@@ -26,6 +27,7 @@ from urllib.parse import parse_qs, urlparse
 from node.errors import JobError
 from node.jobs import JobStore
 from node.queries import job_dict
+from node.multipart import Read
 from node.stow import DICOM_JSON, StowReceiver, StowRequestError
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 ReadyCheck = Callable[[], dict[str, tuple[bool, str]]]
 STOW_PREFIX = "/dicom-web/studies"
 _MAX_WARNINGS = 20          # Warning header fields carrying failure details
+REQUEST_TIMEOUT = 120.0     # seconds a connection may stay silent (socket timeout)
+DRAIN_LIMIT = 64 << 20      # bytes of a refused body read (and dropped) before answering
 
 
 class AdminServer:
@@ -68,6 +72,7 @@ class AdminServer:
 class _Handler(BaseHTTPRequestHandler):
     admin: AdminServer
     server_version = "pacsnode"
+    timeout = REQUEST_TIMEOUT      # a sender silent this long mid-request is dropped
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  (stdlib name)
         log.debug("admin %s %s", self.address_string(), format % args)
@@ -93,28 +98,16 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(401, {"error": "a valid 'Authorization: Bearer <token>' header is required"})
         return False
 
-    def _body(self) -> bytes:
-        """The request body, by Content-Length or chunked transfer coding (RFC 9112 §7.1)."""
+    def _body(self) -> Read:
+        """A ``read(n)`` for the request body, by Content-Length or chunked transfer
+        coding (RFC 9112 §7.1): it is read as it is used, never held whole."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            out = bytearray()
-            while True:
-                size_line = self.rfile.readline(1024)
-                try:
-                    size = int(size_line.split(b";")[0].strip(), 16)
-                except ValueError:
-                    raise StowRequestError(400, f"bad chunk size line {size_line[:40]!r}") \
-                        from None
-                if size == 0:
-                    while self.rfile.readline(1024).strip():
-                        pass                     # trailer fields
-                    return bytes(out)
-                out += self.rfile.read(size)
-                self.rfile.readline(8)           # the CRLF after the chunk
+            return _Chunked(self.rfile).read
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             raise StowRequestError(411, "a Content-Length or chunked transfer coding is "
                                         "required")
-        return self.rfile.read(int(length))
+        return _Sized(self.rfile, int(length)).read
 
     def _stow(self, path: str) -> None:
         study = path.removeprefix(STOW_PREFIX).strip("/") or None
@@ -126,14 +119,17 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if not self._authorised(self.admin.stow_token):
             return
+        read: Read | None = None
         try:
-            body = self._body()
+            read = self._body()
             result = self.admin.stow.receive(
-                self.headers.get("Content-Type", ""), body, study_instance_uid=study,
+                self.headers.get("Content-Type", ""), read, study_instance_uid=study,
                 address=self.client_address[0], port=int(self.client_address[1]))
         except StowRequestError as exc:
             log.warning("STOW-RS from %s refused (%d): %s", self.client_address[0],
                         exc.status, exc)
+            if read is not None:
+                _drain(read)        # so that the sender, still sending, reads the answer
             self._json(exc.status, {"error": str(exc)})
             return
         data = json.dumps(result.body).encode()
@@ -187,3 +183,68 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, job_dict(job))
         else:
             self._json(404, {"error": f"no such resource: {self.path}"})
+
+
+class _Sized:
+    """A body of ``Content-Length`` bytes, read as it arrives (``read1``: what one receive
+    gives, so a part is handled once it is in, not once a megabyte is)."""
+
+    def __init__(self, stream: io.BufferedIOBase, length: int) -> None:
+        self._stream = stream
+        self._left = length
+        self._length = length
+
+    def read(self, size: int) -> bytes:
+        if self._left <= 0:
+            return b""
+        data = self._stream.read1(min(size, self._left))
+        if not data:
+            raise ConnectionError(f"the connection closed after {self._length - self._left} "
+                                  f"of {self._length} bytes of the body")
+        self._left -= len(data)
+        return bytes(data)
+
+
+class _Chunked:
+    """A body in chunked transfer coding (RFC 9112 §7.1), read as it arrives."""
+
+    def __init__(self, stream: io.BufferedIOBase) -> None:
+        self._stream = stream
+        self._left = 0          # bytes of the current chunk not read yet
+        self._ended = False
+
+    def read(self, size: int) -> bytes:
+        if self._ended:
+            return b""
+        if self._left == 0:
+            line = self._stream.readline(1024)
+            try:
+                self._left = int(line.split(b";")[0].strip(), 16)
+            except ValueError:
+                # the framing is broken: like a connection lost (parts before it are kept)
+                raise ConnectionError(f"bad chunk size line {line[:40]!r}") from None
+            if self._left == 0:
+                while self._stream.readline(1024).strip():
+                    pass                # trailer fields
+                self._ended = True
+                return b""
+        data = self._stream.read1(min(size, self._left))
+        if not data:
+            raise ConnectionError("the connection closed inside a chunk of the body")
+        self._left -= len(data)
+        if self._left == 0:
+            self._stream.readline(8)    # the CRLF after the chunk
+        return bytes(data)
+
+
+def _drain(read: Read) -> None:
+    """Read and drop what is left of a refused body, up to :data:`DRAIN_LIMIT` bytes."""
+    left = DRAIN_LIMIT
+    try:
+        while left > 0:
+            data = read(min(left, 1 << 20))
+            if not data:
+                return
+            left -= len(data)
+    except OSError:
+        return

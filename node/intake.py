@@ -141,12 +141,8 @@ class Intake:
         fsyncing.wait()
         try:
             header = read_header(data)
-            _check_request(header, expected_sop_instance_uid, expected_sop_class_uid)
-            if expected_study_instance_uid and \
-                    header.study_instance_uid != expected_study_instance_uid:
-                raise DatasetMismatchError(
-                    f"Study Instance UID in the data set ({header.study_instance_uid}) differs "
-                    f"from the study in the request ({expected_study_instance_uid})")
+            _check_request(header, expected_sop_instance_uid, expected_sop_class_uid,
+                           expected_study_instance_uid)
             digest = digest_of(data)
         except IntakeError:
             try:
@@ -163,6 +159,7 @@ class Intake:
         peer: AssociationInfo | None = None,
         expected_sop_instance_uid: str | None = None,
         expected_sop_class_uid: str | None = None,
+        expected_study_instance_uid: str | None = None,
     ) -> IncomingInstance:
         """Store one instance that arrives in pieces: ``prefix`` (its File Meta), then
         :meth:`IncomingInstance.add` per piece, then :meth:`IncomingInstance.finish`.
@@ -173,7 +170,7 @@ class Intake:
         Errors (disk full, a stopping receiver, a bad instance) are raised by ``finish``.
         """
         return IncomingInstance(self, prefix, peer, expected_sop_instance_uid,
-                                expected_sop_class_uid)
+                                expected_sop_class_uid, expected_study_instance_uid)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -392,7 +389,7 @@ class Intake:
 
 
 def _check_request(header: InstanceHeader, sop_instance_uid: str | None,
-                   sop_class_uid: str | None) -> None:
+                   sop_class_uid: str | None, study_instance_uid: str | None = None) -> None:
     if sop_instance_uid and header.sop_instance_uid != sop_instance_uid:
         raise DatasetMismatchError(
             f"SOP Instance UID in the data set ({header.sop_instance_uid}) differs from "
@@ -403,6 +400,10 @@ def _check_request(header: InstanceHeader, sop_instance_uid: str | None,
             f"SOP Class UID in the data set ({header.sop_class_uid}) differs from "
             f"the request's Affected SOP Class UID ({sop_class_uid})"
         )
+    if study_instance_uid and header.study_instance_uid != study_instance_uid:
+        raise DatasetMismatchError(
+            f"Study Instance UID in the data set ({header.study_instance_uid}) differs "
+            f"from the study in the request ({study_instance_uid})")
 
 
 # The keys of _instance_values, in its order (tests/unit/test_intake.py checks).
@@ -448,10 +449,12 @@ class IncomingInstance:
 
     def __init__(self, intake: Intake, prefix: bytes, peer: AssociationInfo | None,
                  expected_sop_instance_uid: str | None,
-                 expected_sop_class_uid: str | None) -> None:
+                 expected_sop_class_uid: str | None,
+                 expected_study_instance_uid: str | None = None) -> None:
         self._intake = intake
         self._peer = peer
-        self._expected = (expected_sop_instance_uid, expected_sop_class_uid)
+        self._expected = (expected_sop_instance_uid, expected_sop_class_uid,
+                          expected_study_instance_uid)
         self._pieces: list[bytes | memoryview] = [prefix]
         self._hasher = hasher(prefix)
         self._header: InstanceHeader | None = None

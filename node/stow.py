@@ -1,9 +1,10 @@
 """STOW-RS receive (PS3.18 §10.5): store the instances of one request, answer per instance.
 
-Every part goes through :meth:`node.intake.Intake.store`, so the C-STORE durability rule
-holds: an instance is listed in ReferencedSOPSequence only once it is fsync'd and
-indexed. The end of a request plays the part of an association release: the series it
-carried are handed to assembly's fast path.
+Every part goes through :meth:`node.intake.Intake.receive` while it arrives, as a
+C-STORE's data set does, so the C-STORE durability rule holds: an instance is listed in
+ReferencedSOPSequence only once it is fsync'd and indexed. The end of a request plays
+the part of an association release: the series it carried are handed to assembly's fast
+path.
 
 Response status (PS3.18 Table 10.5.3-1): 200 when every instance was stored, 202 when
 some failed, 409 when none was stored; the body lists the failures with a FailureReason
@@ -12,14 +13,15 @@ some failed, 409 when none was stored; the body lists the failures with a Failur
 
 from __future__ import annotations
 
+import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
 
-from node.domain import AssociationInfo
+from node.domain import AssociationInfo, InstanceHeader
 from node.header import read_header
 from node.errors import (
     DatasetMismatchError,
@@ -30,7 +32,7 @@ from node.errors import (
 )
 from node.intake import Intake
 from node.metrics import Metrics
-from node.multipart import MultipartError, Part, parse_media_type, split
+from node.multipart import MultipartError, Read, StreamPart, iter_parts, parse_media_type
 
 log = logging.getLogger(__name__)
 
@@ -83,34 +85,56 @@ class StowReceiver:
         self.on_released = on_released
         self.metrics = metrics or Metrics()
 
-    def receive(self, content_type: str, body: bytes, *, study_instance_uid: str | None = None,
-                address: str = "", port: int = 0) -> StowResult:
-        """Store every part; raises StowRequestError when the body cannot be read at all."""
-        parts = _parts(content_type, body)
+    def receive(self, content_type: str, body: bytes | Read, *,
+                study_instance_uid: str | None = None, address: str = "",
+                port: int = 0) -> StowResult:
+        """Store every part; raises StowRequestError when the body cannot be read at all.
+
+        ``body``: the whole body, or a ``read(n)`` function to read it with as it
+        arrives. Each part is stored while it arrives (as a C-STORE's data set is), so an
+        upload of any size needs no more memory than its largest instance. A body that
+        breaks off or goes wrong after some parts were stored is answered 202: those
+        parts, and the one where reading stopped as failed; before any was, 400.
+        """
+        boundary = _boundary(content_type)
+        read = io.BytesIO(body).read if isinstance(body, bytes | bytearray) else body
         peer = AssociationInfo(calling_ae_title="", called_ae_title=self.ae_title,
                                address=address, port=port)
         referenced: list[tuple[str, str]] = []
         failures: list[Failure] = []
         carried: dict[str, set[str]] = {}     # series UID -> its instances stored
-        for number, part in enumerate(parts, start=1):
-            kind = part.content_type or DICOM
-            if kind != DICOM:
-                failures.append(Failure(number, None, None, FailureReasonValues.CANNOT_UNDERSTAND,
-                                        f"part {number}: Content-Type {kind!r}, expected {DICOM}"))
-                continue
-            try:
-                outcome = self.intake.store(_with_preamble(part.content), peer=peer,
-                                            expected_study_instance_uid=study_instance_uid)
-            except IntakeError as exc:
-                failures.append(_failure(number, part.content, exc))
-                continue
-            header = outcome.header
-            referenced.append((header.sop_class_uid, header.sop_instance_uid))
-            carried.setdefault(header.series_instance_uid, set()).add(header.sop_instance_uid)
-            self.metrics.inc("pacsnode_instances_received_total")
-            self.metrics.inc("pacsnode_bytes_received_total", float(outcome.size))
-        if carried:
-            self.on_released({uid: len(sops) for uid, sops in carried.items()})
+        parts = iter_parts(read, boundary)
+        number = 0                            # the part being read (parts count from 1)
+        try:
+            while True:
+                number += 1
+                try:
+                    part = next(parts, None)
+                    if part is None:
+                        break
+                    stored = self._store_part(part, study_instance_uid, peer, failures)
+                except (MultipartError, OSError) as exc:
+                    if not referenced and not failures:
+                        what = "malformed multipart body" if isinstance(exc, MultipartError) \
+                            else "the body could not be read"
+                        raise StowRequestError(400, f"{what}: {exc}") from exc
+                    failures.append(Failure(number, None, None,
+                                            FailureReasonValues.CANNOT_UNDERSTAND,
+                                            f"reading the body stopped at part {number}: "
+                                            f"{exc}"))
+                    break
+                if stored is not None:
+                    header, size = stored
+                    referenced.append((header.sop_class_uid, header.sop_instance_uid))
+                    carried.setdefault(header.series_instance_uid, set()).add(
+                        header.sop_instance_uid)
+                    self.metrics.inc("pacsnode_instances_received_total")
+                    self.metrics.inc("pacsnode_bytes_received_total", float(size))
+        finally:
+            if carried:
+                self.on_released({uid: len(sops) for uid, sops in carried.items()})
+        if not referenced and not failures:
+            raise StowRequestError(400, "the multipart body holds no parts")
         for f in failures:
             self.metrics.inc("pacsnode_instances_refused_total", status=f"{f.reason:04X}")
             log.warning("STOW-RS from %s: %s refused (%04X): %s", address,
@@ -119,8 +143,41 @@ class StowReceiver:
         return StowResult(status, _response(referenced, failures), len(referenced),
                           tuple(failures))
 
+    def _store_part(self, part: StreamPart, study_instance_uid: str | None,
+                    peer: AssociationInfo, failures: list[Failure],
+                    ) -> tuple[InstanceHeader, int] | None:
+        """Store one part while it arrives: its header and size, or None with a failure
+        added. MultipartError/OSError (the body itself) pass through, nothing kept."""
+        number = part.number
+        kind = part.content_type or DICOM
+        if kind != DICOM:
+            for _ in part.pieces():
+                pass
+            failures.append(Failure(number, None, None, FailureReasonValues.CANNOT_UNDERSTAND,
+                                    f"part {number}: Content-Type {kind!r}, expected {DICOM}"))
+            return None
+        pieces = part.pieces()
+        first = _with_preamble(_head(pieces))
+        received = [first]                  # (IncomingInstance keeps them too; no copies)
+        incoming = self.intake.receive(first, peer=peer,
+                                       expected_study_instance_uid=study_instance_uid)
+        try:
+            for piece in pieces:
+                received.append(piece)
+                incoming.add(piece)
+        except BaseException:
+            incoming.abandon()
+            raise
+        try:
+            outcome = incoming.finish()
+        except IntakeError as exc:
+            failures.append(_failure(number, b"".join(received), exc))
+            return None
+        return outcome.header, outcome.size
 
-def _parts(content_type: str, body: bytes) -> list[Part]:
+
+def _boundary(content_type: str) -> str:
+    """The boundary of a STOW-RS request's Content-Type, or StowRequestError (415/400)."""
     media = parse_media_type(content_type or "")
     if media.value != "multipart/related":
         raise StowRequestError(415, f"Content-Type {media.value or '(none)'!r} is not "
@@ -129,13 +186,23 @@ def _parts(content_type: str, body: bytes) -> list[Part]:
     if kind != DICOM:
         raise StowRequestError(415, f"multipart/related type {kind or '(none)'!r} is not "
                                     f"supported; only {DICOM!r} (instances as Part 10 files)")
-    try:
-        parts = split(body, media.params.get("boundary", ""))
-    except MultipartError as exc:
-        raise StowRequestError(400, f"malformed multipart body: {exc}") from exc
-    if not parts:
-        raise StowRequestError(400, "the multipart body holds no parts")
-    return parts
+    boundary = media.params.get("boundary", "")
+    if not boundary or len(boundary) > 70:
+        raise StowRequestError(400, "malformed multipart body: the Content-Type boundary "
+                                    "parameter is missing or longer than 70 characters "
+                                    "(RFC 2046 §5.1.1)")
+    return boundary
+
+
+def _head(pieces: Iterator[bytes]) -> bytes:
+    """The part's first piece, joined with the next ones while shorter than 132 bytes
+    (the preamble and "DICM": enough to tell whether the preamble is missing)."""
+    head = b""
+    for piece in pieces:
+        head += piece
+        if len(head) >= 132:
+            break
+    return head
 
 
 def _with_preamble(data: bytes) -> bytes:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +132,110 @@ def test_partly_bad_upload_gets_202_listing_each_failed_instance(
     answer = requests.post(f"{url}/studies", data=everything_bad, headers=headers, timeout=30)
     assert answer.status_code == 409
     assert len(json.loads(answer.text)["00081198"]["Value"]) == 2
+
+
+def _part(data: bytes) -> bytes:
+    return b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n"
+
+
+def test_stow_rs_parts_are_stored_while_the_body_still_arrives(
+        node_factory: Any, tmp_path: Path) -> None:
+    node, url, token = _node(node_factory, tmp_path)
+    study = synth.make_study(synth.SeriesSpec(slices=3, rows=64, columns=64), seed=615)
+    datasets = list(synth.iter_datasets(study))
+    index = IndexView(node.config.parent / "index.db")
+    seen_mid_body: list[set[str]] = []
+
+    def body() -> Iterator[bytes]:        # chunked transfer coding, as requests sends it
+        yield _part(_encode(datasets[0])) + b"--b0undary"   # part 1 and its delimiter
+        # the sender waits: part 1 must be stored (indexed) before the body has ended
+        seen_mid_body.append(wait_for(index.sop_uids, timeout=10))
+        yield b"\r\nContent-Type: application/dicom\r\n\r\n" + _encode(datasets[1]) + b"\r\n"
+        yield _part(_encode(datasets[2])) + b"--b0undary--\r\n"
+
+    answer = requests.post(f"{url}/studies", data=body(), timeout=60, headers={
+        "Authorization": f"Bearer {token}", "Content-Type": MULTIPART})
+    assert seen_mid_body == [{str(datasets[0].SOPInstanceUID)}]
+    assert answer.status_code == 200
+    result = pydicom.Dataset.from_json(answer.json())
+    assert [str(i.ReferencedSOPInstanceUID) for i in result.ReferencedSOPSequence] == \
+        [str(d.SOPInstanceUID) for d in datasets]
+    assert index.sop_uids() == {str(d.SOPInstanceUID) for d in datasets}
+
+
+def test_a_body_that_breaks_off_keeps_the_parts_stored_before(
+        node_factory: Any, tmp_path: Path) -> None:
+    node, url, token = _node(node_factory, tmp_path)
+    study = synth.make_study(synth.SeriesSpec(slices=3, rows=64, columns=64), seed=616)
+    encoded = [_encode(d) for d in synth.iter_datasets(study)]
+    body = build(encoded, "b0undary", "application/dicom")
+    cut = body.index(encoded[2]) + len(encoded[2]) // 2     # inside part 3
+    # the sender goes away (closes its side) inside part 3
+    head, payload = _post_raw(url, token, f"Content-Length: {len(body)}", body[:cut])
+    assert head.split()[1] == b"202"
+    result = pydicom.Dataset.from_json(json.loads(payload))
+    assert len(result.ReferencedSOPSequence) == 2
+    [failed] = result.FailedSOPSequence
+    assert int(failed.FailureReason) == 0xC000
+    assert b"part 3" in head and b"closed after" in head     # the Warning says where and why
+    index = IndexView(node.config.parent / "index.db")
+    assert index.counts() == (1, 1, 2)
+    spool = node.config.parent / "spool"
+    assert len(list(spool.rglob("*.dcm"))) == 2
+    assert not list(spool.rglob("*.part"))                 # the half-received one is gone
+
+
+def test_a_large_upload_is_stored_in_little_memory(node_factory: Any, tmp_path: Path) -> None:
+    node, url, token = _node(node_factory, tmp_path)
+    study = synth.make_study(synth.SeriesSpec(slices=64, rows=512, columns=512), seed=617)
+    body = build([_encode(d) for d in synth.iter_datasets(study)], "b0undary",
+                 "application/dicom")
+    assert len(body) > 32 << 20
+    before = _peak_rss(node.proc.pid)
+    answer = requests.post(f"{url}/studies", data=body, timeout=120, headers={
+        "Authorization": f"Bearer {token}", "Content-Type": MULTIPART})
+    assert answer.status_code == 200
+    assert len(IndexView(node.config.parent / "index.db").sop_uids()) == 64
+    grown = _peak_rss(node.proc.pid) - before
+    print(f"peak RSS grew by {grown / 2**20:.1f} MiB for a {len(body) / 2**20:.1f} MiB body")
+    assert grown < len(body) / 4
+
+
+def _peak_rss(pid: int) -> int:
+    """VmHWM (the process's highest resident set so far) in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_chunked_body_with_broken_framing_keeps_the_parts_stored_before(
+        node_factory: Any, tmp_path: Path) -> None:
+    node, url, token = _node(node_factory, tmp_path)
+    study = synth.make_study(synth.SeriesSpec(slices=2, rows=64, columns=64), seed=618)
+    first, second = (_part(_encode(d)) for d in synth.iter_datasets(study))
+    first += b"--b0undary"            # the delimiter that ends part 1 is in the first chunk
+    head, payload = _post_raw(url, token, "Transfer-Encoding: chunked",
+                              b"%x\r\n" % len(first) + first + b"\r\n"
+                              + b"zz-not-a-size\r\n" + second[10:] + b"\r\n0\r\n\r\n")
+    assert head.split()[1] == b"202"
+    result = pydicom.Dataset.from_json(json.loads(payload))
+    assert len(result.ReferencedSOPSequence) == 1
+    assert b"bad chunk size line" in head
+    assert len(IndexView(node.config.parent / "index.db").sop_uids()) == 1
+
+
+def _post_raw(url: str, token: str, framing: str, body: bytes) -> tuple[bytes, bytes]:
+    """POST ``body`` as is on a socket, close our side, read the whole answer: (status
+    line and headers, payload)."""
+    port = int(url.split(":")[2].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {token}\r\nContent-Type: {MULTIPART}\r\n"
+                     f"{framing}\r\n\r\n".encode() + body)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    return head, payload
