@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import io
 import struct
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import pydicom
 from pydicom.datadict import tag_for_keyword
@@ -57,11 +58,22 @@ def read_header(data: bytes, *, transfer_syntax_uid: str | None = None) -> Insta
         data, transfer_syntax_uid=transfer_syntax_uid)
 
 
-def read_header_pydicom(data: bytes, *,
-                        transfer_syntax_uid: str | None = None) -> InstanceHeader:
-    """:func:`read_header` through pydicom: any transfer syntax, every error explained."""
+def read_header_file(path: Path) -> InstanceHeader:
+    """:func:`read_header` of a Part 10 file, reading only as far as the pixel data."""
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        with path.open("rb") as file:
+            return read_header_pydicom(file)
+    except OSError as exc:
+        raise InvalidInstanceError(f"cannot read the data set: {exc}") from exc
+
+
+def read_header_pydicom(data: bytes | BinaryIO, *,
+                        transfer_syntax_uid: str | None = None) -> InstanceHeader:
+    """:func:`read_header` through pydicom: any transfer syntax, every error explained.
+    ``data``: the bytes, or a binary file positioned at their start."""
+    try:
+        source = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
+        ds = pydicom.dcmread(source, stop_before_pixels=True, force=True)
         # Touch every element we use now, so lazy parsing errors surface here.
         values: dict[str, Any] = {k: ds.get(k) for k in _REQUIRED}
     except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError,

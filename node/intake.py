@@ -35,7 +35,7 @@ from node.domain import (
     UnitStateValues,
 )
 from node.errors import DatasetMismatchError, IntakeError, StorageError, StorageFullError
-from node.header import read_header, read_header_fast
+from node.header import read_header, read_header_fast, read_header_file
 from node.spool import Spool, StagedFile, StageWriter, relative_path
 
 log = logging.getLogger(__name__)
@@ -439,6 +439,12 @@ def _instance_values(
     }
 
 
+# Bytes of an arriving instance kept in memory for its header when the fast reader cannot
+# read it from the first pieces (compressed transfer syntaxes, odd data sets); beyond
+# this, the header is read from the written file instead.
+HEADER_WINDOW = 8 << 20
+
+
 class IncomingInstance:
     """One instance being received piece by piece (see :meth:`Intake.receive`).
 
@@ -455,7 +461,10 @@ class IncomingInstance:
         self._peer = peer
         self._expected = (expected_sop_instance_uid, expected_sop_class_uid,
                           expected_study_instance_uid)
-        self._pieces: list[bytes | memoryview] = [prefix]
+        # the first pieces, kept for the header until it is read (at most HEADER_WINDOW
+        # bytes; then finish() reads it from the written file): never the whole instance
+        self._pieces: list[bytes | memoryview] | None = [prefix]
+        self._kept = len(prefix)
         self._hasher = hasher(prefix)
         self._header: InstanceHeader | None = None
         self._error: IntakeError | None = None
@@ -468,8 +477,8 @@ class IncomingInstance:
             self._fail(exc)
 
     def add(self, piece: bytes | memoryview) -> None:
-        """The next piece; keep it unchanged until :meth:`finish` (it is not copied)."""
-        self._pieces.append(piece)
+        """The next piece. It is written and hashed at once; the first ones are kept
+        (unchanged: not copied) until the header is read."""
         if self._error is not None:
             return
         self._hasher.update(piece)
@@ -479,10 +488,17 @@ class IncomingInstance:
         except IntakeError as exc:
             self._fail(exc)
             return
-        if self._header is None and len(self._pieces) == 2:
+        pieces = self._pieces
+        if pieces is None:
+            return
+        pieces.append(piece)
+        self._kept += len(piece)
+        if len(pieces) == 2:
             # the attributes intake needs come early in the data set: usually the fast
-            # reader finds them all in the first piece; if not, finish() reads them all
-            self._header = read_header_fast(b"".join(self._pieces), start_only=True)
+            # reader finds them all in the first piece; if not, finish() reads them
+            self._header = read_header_fast(b"".join(pieces), start_only=True)
+        if self._header is not None or self._kept > HEADER_WINDOW:
+            self._pieces = None
 
     def finish(self) -> StoreOutcome:
         """fsync, check, move into place and index. Raises an IntakeError subclass."""
@@ -491,9 +507,15 @@ class IncomingInstance:
         assert self._writer is not None
         writer, self._writer = self._writer, None
         try:
-            header = self._header or read_header(b"".join(self._pieces))
-            _check_request(header, *self._expected)
+            header = self._header
+            if header is None and self._pieces is not None:     # all of it is here
+                header = read_header(b"".join(self._pieces))
+            if header is not None:
+                _check_request(header, *self._expected)
             staged = writer.finish(hexdigest(self._hasher))
+            if header is None:          # a long instance with a header the fast reader
+                header = read_header_file(staged.temp_path)     # could not read
+                _check_request(header, *self._expected)
         except IntakeError:
             writer.discard()
             raise

@@ -157,13 +157,11 @@ class StowReceiver:
                                     f"part {number}: Content-Type {kind!r}, expected {DICOM}"))
             return None
         pieces = part.pieces()
-        first = _with_preamble(_head(pieces))
-        received = [first]                  # (IncomingInstance keeps them too; no copies)
+        first = _with_preamble(_head(pieces))     # (also where a refusal's UIDs are read)
         incoming = self.intake.receive(first, peer=peer,
                                        expected_study_instance_uid=study_instance_uid)
         try:
             for piece in pieces:
-                received.append(piece)
                 incoming.add(piece)
         except BaseException:
             incoming.abandon()
@@ -171,7 +169,7 @@ class StowReceiver:
         try:
             outcome = incoming.finish()
         except IntakeError as exc:
-            failures.append(_failure(number, b"".join(received), exc))
+            failures.append(_failure(number, first, exc))
             return None
         return outcome.header, outcome.size
 
@@ -227,7 +225,8 @@ def _failure(number: int, data: bytes, exc: IntakeError) -> Failure:
 
 
 def _uids(data: bytes) -> tuple[str | None, str | None]:
-    """The SOP Class/Instance UID of a refused part, when its header can still be read."""
+    """The SOP Class/Instance UID of a refused part, when its header can still be read
+    (from the part's first piece: up to a megabyte)."""
     try:
         header = read_header(data)
     except IntakeError:

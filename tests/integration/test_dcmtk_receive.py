@@ -3,6 +3,7 @@ transfer syntaxes stored exactly as received."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -13,10 +14,12 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRLittleEndian as EXPLICIT_LE
 
 from node import synth
 from tests.integration.dbview import IndexView
-from tests.support import TCP_ENV, storescu, wait_for
+from tests.support import TCP_ENV, proc_status_kib, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -238,3 +241,39 @@ def test_a_series_split_over_parallel_associations(
     assert (row["completion_reason"], row["generation"]) == \
         ("fast_path" if count else "quiet", 1)
     assert index.counts() == (1, 1, 40)
+
+
+def _big_instance(path: Path, transfer_syntax: str, size: int, seed: int) -> Path:
+    """One CT slice of ``size`` bytes of pixel data: native (Explicit VR LE) or as one
+    encapsulated fragment that only claims ``transfer_syntax`` (stored, never decoded)."""
+    study = synth.make_study(synth.SeriesSpec(slices=1, rows=16, columns=16), seed=seed)
+    ds = next(synth.iter_datasets(study))
+    side = int((size // 2) ** 0.5)
+    ds.Rows = ds.Columns = side
+    pixels = os.urandom(side * side * 2)
+    if transfer_syntax == EXPLICIT_LE:
+        ds.PixelData = pixels
+    else:
+        ds.PixelData = encapsulate([pixels])
+        ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("transfer_syntax", [EXPLICIT_LE, "1.2.840.10008.1.2.4.90"])
+def test_a_very_large_instance_is_received_in_bounded_memory(
+        dcmtk: None, node_factory: Any, tmp_path: Path, transfer_syntax: str) -> None:
+    path = _big_instance(tmp_path / "big.dcm", transfer_syntax, 96 << 20, seed=31)
+    node = node_factory(node={"listener_processes": 1}).start()
+    assert node.proc is not None
+    before = proc_status_kib(node.proc.pid, "VmHWM")
+    extra = [] if transfer_syntax == EXPLICIT_LE else [PROPOSE[transfer_syntax], "-R"]
+    result = storescu(node.port, [path], extra=extra)
+    assert result.returncode == 0, result.stderr
+    grown_mib = (proc_status_kib(node.proc.pid, "VmHWM") - before) / 1024
+    print(f"peak RSS +{grown_mib:.0f} MiB for a {path.stat().st_size / 2**20:.0f} MiB instance")
+    # what is in flight (a PDU, an O_DIRECT buffer, the header window), not the instance
+    assert grown_mib < 32
+    [stored] = _index(node).paths().values()
+    assert _dataset_bytes(node.config.parent / "spool" / stored) == _dataset_bytes(path)

@@ -17,7 +17,7 @@ from dicomweb_client.api import DICOMwebClient
 from node import synth
 from node.multipart import build
 from tests.integration.dbview import IndexView
-from tests.support import free_port, wait_for
+from tests.support import free_port, proc_status_kib, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -191,22 +191,14 @@ def test_a_large_upload_is_stored_in_little_memory(node_factory: Any, tmp_path: 
     body = build([_encode(d) for d in synth.iter_datasets(study)], "b0undary",
                  "application/dicom")
     assert len(body) > 32 << 20
-    before = _peak_rss(node.proc.pid)
+    before = proc_status_kib(node.proc.pid, "VmHWM") * 1024
     answer = requests.post(f"{url}/studies", data=body, timeout=120, headers={
         "Authorization": f"Bearer {token}", "Content-Type": MULTIPART})
     assert answer.status_code == 200
     assert len(IndexView(node.config.parent / "index.db").sop_uids()) == 64
-    grown = _peak_rss(node.proc.pid) - before
+    grown = proc_status_kib(node.proc.pid, "VmHWM") * 1024 - before
     print(f"peak RSS grew by {grown / 2**20:.1f} MiB for a {len(body) / 2**20:.1f} MiB body")
     assert grown < len(body) / 4
-
-
-def _peak_rss(pid: int) -> int:
-    """VmHWM (the process's highest resident set so far) in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
 
 
 def test_chunked_body_with_broken_framing_keeps_the_parts_stored_before(

@@ -8,6 +8,7 @@ from typing import Any
 
 import blake3
 import pytest
+from pydicom.encaps import encapsulate
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -19,6 +20,7 @@ from node.errors import (
     StorageError,
     StorageFullError,
 )
+from node import intake as intake_module
 from node import spool as spool_module
 from node.spool import MAX_SPARES, Spool, safe_component
 from tests.support import half_written
@@ -272,6 +274,14 @@ def _pieces(data: bytes, meta_end: int, size: int) -> list[bytes]:
     return [data[i:i + size] for i in range(meta_end, len(data), size)]
 
 
+def _arrived(rig: Rig, data: bytes, size: int, **expected: Any) -> Any:
+    """``data`` handed to Intake.receive in pieces of ``size`` bytes, not finished yet."""
+    incoming = rig.intake.receive(data[:_meta_end(data)], **expected)
+    for piece in _pieces(data, _meta_end(data), size):
+        incoming.add(piece)
+    return incoming
+
+
 def _meta_end(data: bytes) -> int:
     """Offset of the data set in Part 10 bytes (after the File Meta group)."""
     length = int.from_bytes(data[140:144], "little")   # (0002,0000) UL, explicit VR
@@ -309,9 +319,7 @@ def test_receive_refuses_at_the_end_and_leaves_nothing(tmp_path: Path) -> None:
     data = encode(ds)
     meta_end = _meta_end(data)
     # the request named another instance: refused once everything has arrived
-    incoming = rig.intake.receive(data[:meta_end], expected_sop_instance_uid="1.2.3")
-    for piece in _pieces(data, meta_end, 256):
-        incoming.add(piece)
+    incoming = _arrived(rig, data, 256, expected_sop_instance_uid="1.2.3")
     with pytest.raises(DatasetMismatchError):
         incoming.finish()
     # garbage: nothing the header reader can use
@@ -326,6 +334,44 @@ def test_receive_refuses_at_the_end_and_leaves_nothing(tmp_path: Path) -> None:
     incoming.abandon()
     assert half_written(rig.spool.root / ".tmp") == []
     assert _count(rig) == 0 and not list(rig.spool.iter_files())
+
+
+def _compressed(ds: Any, fragment: bytes) -> bytes:
+    """``ds`` with its pixel data as one JPEG 2000 fragment (never decoded here): a
+    transfer syntax the fast header reader leaves to pydicom."""
+    ds.PixelData = encapsulate([fragment])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.90"
+    return encode(ds)
+
+
+def test_a_long_instance_keeps_only_a_window_and_its_header_is_read_from_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(intake_module, "HEADER_WINDOW", 4096)
+    rig = Rig(tmp_path)
+    first, second, third = small_series(3).datasets
+    data = _compressed(first, os.urandom(64 * 1024))
+    incoming = _arrived(rig, data, 1000, expected_sop_instance_uid=first.SOPInstanceUID)
+    assert incoming._pieces is None                      # dropped after the window
+    outcome = incoming.finish()
+    assert outcome.result is StoreResultValues.STORED
+    assert outcome.header.sop_instance_uid == first.SOPInstanceUID
+    assert outcome.header.transfer_syntax_uid == "1.2.840.10008.1.2.4.90"
+    assert (rig.spool.root / outcome.path).read_bytes() == data
+    # refusals found only in the file still leave nothing behind
+    data = _compressed(second, os.urandom(64 * 1024))
+    with pytest.raises(DatasetMismatchError):
+        _arrived(rig, data, 1000, expected_sop_instance_uid="1.2.3").finish()
+    incoming = rig.intake.receive(data[:_meta_end(data)])
+    for _ in range(10):
+        incoming.add(b"\xff" * 1000)                    # no data set at all
+    with pytest.raises(InvalidInstanceError):
+        incoming.finish()
+    assert half_written(rig.spool.root / ".tmp") == [] and _count(rig) == 1
+    # within the window, the kept pieces are read as before (no file read)
+    incoming = _arrived(rig, _compressed(third, b"\x00" * 1000), 500)
+    monkeypatch.setattr(intake_module, "read_header_file", None)   # would fail if called
+    assert incoming.finish().header.sop_instance_uid == third.SOPInstanceUID
 
 
 def test_receive_with_no_space_answers_full_after_the_last_piece(tmp_path: Path) -> None:
