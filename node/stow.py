@@ -92,7 +92,8 @@ class StowReceiver:
 
         ``body``: the whole body, or a ``read(n)`` function to read it with as it
         arrives. Each part is stored while it arrives (as a C-STORE's data set is), so an
-        upload of any size needs no more memory than its largest instance. A body that
+        upload of any size needs about a megabyte of buffer, plus a part's first bytes
+        until its header is read (node/intake.py HEADER_WINDOW). A body that
         breaks off or goes wrong after some parts were stored is answered 202: those
         parts, and the one where reading stopped as failed; before any was, 400.
         """
