@@ -166,7 +166,7 @@ class Node:
                              on_released=self._released.put, metrics=self.metrics,
                              ae_title=settings.node.ae_title)
         self.retention = Retention(self.engine, self.spool, settings.retention, lock=lock)
-        self.scheduler = Scheduler(self.engine, settings.schedule)
+        self.scheduler = Scheduler(self.engine, settings.schedule, owner=owner)
         # the fine-tuning work plugs its nightly entry point in here
         self.finetune: Callable[[], object] | None = None
         self.admin: AdminServer | None = None
@@ -216,13 +216,17 @@ class Node:
             Task("retry-sweep", self.runner.wake, every(s.retry_sweep_seconds)),
             Task("stale-jobs", self._requeue_stale, every(s.stale_check_seconds)),
         ]
+        # once: on one receiver at a time where several share the database
         tasks += [Task(f"poll:{source.name}", functools.partial(self._poll, source.name),
-                       every(source.interval_seconds)) for source in self.settings.sources]
+                       every(source.interval_seconds), once=True)
+                  for source in self.settings.sources]
         if self.retention.enabled:
             tasks.append(Task("retention", self.retention.run,
-                              every(self.settings.retention.check_interval_minutes * 60)))
+                              every(self.settings.retention.check_interval_minutes * 60),
+                              once=True))
         if s.finetune_cron:
-            tasks.append(Task("finetune-nightly", self._finetune_nightly, cron(s.finetune_cron)))
+            tasks.append(Task("finetune-nightly", self._finetune_nightly, cron(s.finetune_cron),
+                              once=True))
         return tasks
 
     def _moving_source(self, calling_ae_title: str) -> str | None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ import pytest
 from node import synth
 from node.db import make_engine
 from node.jobs import JobSpec, JobStateValues, JobStore
-from node.settings import JobSettings
+from node.schedule import Scheduler, Task, every, table_for
+from node.settings import JobSettings, ScheduleSettings
+from sqlalchemy import text as sql_text
 from sqlalchemy.orm import Session
 from tests.integration.pgserver import (
     PgView,
@@ -245,3 +248,48 @@ def test_a_database_outage_refuses_c_store_and_heals_when_it_is_back(
     finally:
         server.stop()
         shutil.rmtree(own, ignore_errors=True)
+
+
+def test_receivers_sharing_a_database_keep_their_own_schedules_and_run_shared_tasks_once(
+        postgres: PostgresServer) -> None:
+    url = fresh_database(postgres, "schedules")
+    runs: Counter[str] = Counter()
+    spans: list[tuple[float, float]] = []          # each run of the once task
+
+    def poll() -> None:
+        runs["poll"] += 1
+
+    def retention() -> None:                        # longer than its interval
+        start = time.monotonic()
+        time.sleep(1.5)
+        spans.append((start, time.monotonic()))
+
+    a = Scheduler(make_engine(url), ScheduleSettings(), owner="host-a:receiver-104")
+    b = Scheduler(make_engine(url), ScheduleSettings(), owner="host-b:receiver-104")
+    a.start([Task("poll:pacs", poll, every(1), once=True),
+             Task("retention", retention, every(1), once=True)])
+    b.start([Task("retention", retention, every(1), once=True)])   # no source configured
+    try:
+        time.sleep(5)
+        # neither removed the other's tasks: receiver a still polls the source it has
+        assert a.job_ids() == ["poll:pacs", "retention"] and b.job_ids() == ["retention"]
+        assert runs["poll"] >= 3
+    finally:
+        a.stop()
+        b.stop()
+    # both tried the shared task every second; it never ran on both at once
+    assert len(spans) >= 2
+    ordered = sorted(spans)
+    assert all(later[0] >= earlier[1] for earlier, later in zip(ordered, ordered[1:]))
+    with make_engine(url).connect() as conn:       # each receiver's jobs in its own table
+        tables = {t: conn.execute(sql_text(f"SELECT id FROM {t} ORDER BY id")).scalars().all()
+                  for t in (table_for("host-a:receiver-104"), table_for("host-b:receiver-104"))}
+    assert list(tables.values()) == [["poll:pacs", "retention"], ["retention"]]
+
+
+def test_table_names_per_owner_are_distinct_valid_identifiers() -> None:
+    long = "a-very-long-host-name.example.hospital.org:receiver-11112"
+    names = {table_for(o) for o in ("h:receiver-1", "h:receiver-2", long, long + "x")}
+    assert len(names) == 4
+    assert all(len(n) <= 63 and n.replace("_", "").isalnum() for n in names)
+    assert table_for(None) == "scheduled_jobs"
