@@ -62,6 +62,19 @@ _STORE_SYNTAXES: list[str | UID] = [*DEFAULT_TRANSFER_SYNTAXES, JPEGLosslessSV1,
                                      JPEGLSLossless, RLELossless]
 
 
+# The Patient and Study level keys of the Study Root model (PS3.4 C.6.2.1): in a
+# hierarchical poll, filters on these go into the study query, all others into each
+# series query.
+STUDY_LEVEL_KEYS = frozenset({
+    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+    "OtherPatientIDsSequence", "PatientAge", "PatientSize", "PatientWeight",
+    "EthnicGroup", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
+    "StudyInstanceUID", "StudyDescription", "ReferringPhysicianName", "ModalitiesInStudy",
+    "SOPClassesInStudy", "NameOfPhysiciansReadingStudy", "AdmittingDiagnosesDescription",
+    "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
+})
+
+
 class QueryRetrieveStatusValues:
     """C-FIND / C-GET / C-MOVE response statuses (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4)."""
 
@@ -109,23 +122,29 @@ class DimseSource:
 
     def find_series(self, source: SourceSettings, *, since: date | None,
                     extra: Mapping[str, str] | None = None) -> list[RemoteSeries]:
-        query = _identifier(source, {
-            "StudyInstanceUID": "", "SeriesInstanceUID": "", "Modality": "",
-            "NumberOfSeriesRelatedInstances": "",
-            "StudyDate": f"{since:%Y%m%d}-" if since is not None else "",
-            **source.filters, **(extra or {})})
-        found: list[RemoteSeries] = []
+        keys = {"StudyDate": f"{since:%Y%m%d}-" if since is not None else "",
+                **source.filters, **(extra or {})}
         with self._associated(source, [build_context(FIND)]) as assoc:
-            for status, answer in assoc.send_c_find(query, FIND):
-                code = _status_code(source, "C-FIND", status)
-                if code in _PENDING:
-                    remote = _remote(answer)
-                    if remote is not None:
-                        found.append(remote)
+            if source.query == "series":        # one relational query (PS3.4 C.4.1.2.2)
+                return [remote for answer in _find(assoc, source, _identifier(source, {
+                    "StudyInstanceUID": "", "SeriesInstanceUID": "", "Modality": "",
+                    "NumberOfSeriesRelatedInstances": "", **keys}))
+                        if (remote := _remote(answer)) is not None]
+            # hierarchical (PS3.4 C.4.1.2.1): the studies, then each one's series
+            study_keys = {k: v for k, v in keys.items() if k in STUDY_LEVEL_KEYS}
+            series_keys = {k: v for k, v in keys.items() if k not in STUDY_LEVEL_KEYS}
+            found: list[RemoteSeries] = []
+            for study in _find(assoc, source, _identifier(
+                    source, {"StudyInstanceUID": "", **study_keys}, level="STUDY")):
+                uid, study_date = study.get("StudyInstanceUID"), study.get("StudyDate")
+                if not uid:
                     continue
-                if code != QueryRetrieveStatusValues.SUCCESS:
-                    raise SourceError(f"{source.name}: C-FIND failed: {_describe(code)}")
-        return found
+                found += [remote for answer in _find(assoc, source, _identifier(source, {
+                    "SeriesInstanceUID": "", "Modality": "",
+                    "NumberOfSeriesRelatedInstances": "", **series_keys,
+                    "StudyInstanceUID": str(uid)}))
+                          if (remote := _remote(answer, study_date)) is not None]
+            return found
 
     def fetch_series(self, source: SourceSettings, study_instance_uid: str,
                      series_instance_uid: str) -> Iterator[bytes | MovedInstances]:
@@ -247,9 +266,24 @@ def _refusal(assoc: Any, source: SourceSettings) -> str:
             f"{source.timeout_seconds:g} s)")
 
 
-def _identifier(source: SourceSettings, keys: Mapping[str, str]) -> Dataset:
+def _find(assoc: Any, source: SourceSettings, query: Dataset) -> list[Dataset]:
+    """The answers of one C-FIND; SourceError unless it ends in success."""
+    answers: list[Dataset] = []
+    for status, answer in assoc.send_c_find(query, FIND):
+        code = _status_code(source, "C-FIND", status)
+        if code in _PENDING:
+            if answer is not None:
+                answers.append(answer)
+            continue
+        if code != QueryRetrieveStatusValues.SUCCESS:
+            raise SourceError(f"{source.name}: C-FIND failed: {_describe(code)}")
+    return answers
+
+
+def _identifier(source: SourceSettings, keys: Mapping[str, str], *,
+                level: str = "SERIES") -> Dataset:
     ds = Dataset()
-    ds.QueryRetrieveLevel = "SERIES"
+    ds.QueryRetrieveLevel = level
     for keyword, value in keys.items():
         try:
             setattr(ds, keyword, value)
@@ -289,14 +323,14 @@ def _retrieved(source: SourceSettings, what: str,
     raise SourceError(f"{source.name}: {what}: the association ended without a final response")
 
 
-def _remote(answer: Dataset | None) -> RemoteSeries | None:
-    if answer is None:
-        return None
+def _remote(answer: Dataset, study_date: Any = None) -> RemoteSeries | None:
+    """A series-level answer as a RemoteSeries (``study_date``: the study's, from a study
+    level answer, where the series answer has none)."""
     study, series = answer.get("StudyInstanceUID"), answer.get("SeriesInstanceUID")
     if not study or not series:
         return None
     count = answer.get("NumberOfSeriesRelatedInstances")
-    study_date = answer.get("StudyDate")
+    study_date = answer.get("StudyDate") or study_date
     return RemoteSeries(str(study), str(series), int(count) if count not in (None, "") else None,
                         str(study_date) if study_date else None)
 

@@ -238,6 +238,9 @@ class SourceSettings(_Section):
     host: str | None = None                 # dimse
     port: Port | None = None                # dimse
     retrieve: Literal["get", "move"] = "get"   # dimse: C-GET, or C-MOVE to our own SCP
+    # dimse: one SERIES-level C-FIND (relational), or STUDY level then each study's series
+    # (hierarchical, for a PACS that refuses series queries without the study's UID)
+    query: Literal["series", "hierarchical"] = "series"
     move_destination: AETitle | None = None    # dimse, move: our AE title at the PACS
     tls: bool = False                       # dimse: DICOM TLS; the peer is always verified
     cert_file: Path | None = None           # dimse: our client certificate (mutual TLS)
@@ -257,6 +260,9 @@ class SourceSettings(_Section):
                                  f"\"dimse\", got {', '.join(map(repr, unknown))}")
         elif self.url is None:
             raise ValueError("the key url for kind = \"dicomweb\"")
+        elif self.query != "series":
+            raise ValueError("query = \"hierarchical\" is for kind = \"dimse\" (QIDO-RS "
+                             "searches series directly)")
         _check_http_auth(self.username, self.password_file, self.token_file)
         return self
 

@@ -4,7 +4,9 @@ Storage SCP; a refused association is a SourceError that marks nothing pulled.""
 
 from __future__ import annotations
 
+import subprocess
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from tests.integration.test_pull_orthanc import (
     _upload,
     assert_restart_fetches_nothing,
 )
-from tests.support import free_port, storescu, wait_for
+from tests.support import TCP_ENV, free_port, storescu, wait_for, wait_port
 
 pytestmark = pytest.mark.integration
 
@@ -131,3 +133,56 @@ def test_a_refused_association_is_a_source_error_and_nothing_is_pulled(
     index = IndexView(node.config.parent / "index.db")
     assert index._query("select count(*) from pulled_series") in ([], [(0,)])
     assert index.sop_uids() == set()
+
+
+@pytest.fixture
+def strict_archive(dcmtk: None, tmp_path: Path) -> Iterator[tuple[str, int]]:
+    """dcmtk's dcmqrscp as a PACS that checks C-FIND identifiers (-XF): a SERIES query
+    without the study's UID is refused, as a strictly hierarchical archive does."""
+    port = free_port()
+    store = tmp_path / "archive"
+    store.mkdir()
+    config = tmp_path / "dcmqrscp.cfg"
+    config.write_text(f"NetworkTCPPort = {port}\nMaxPDUSize = 65536\nMaxAssociations = 16\n"
+                      "HostTable BEGIN\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
+                      f"AETable BEGIN\nARCHIVE {store} RW (100, 1024mb) ANY\nAETable END\n")
+    proc = subprocess.Popen(["dcmqrscp", "-XF", "-c", str(config), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=TCP_ENV)
+    try:
+        wait_port(port, proc=proc)
+        yield "ARCHIVE", port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_hierarchical_poll_pulls_from_a_pacs_that_refuses_series_queries(
+        node_factory: Any, strict_archive: tuple[str, int], tmp_path: Path) -> None:
+    aet, port = strict_archive
+    today = datetime.now(UTC).strftime("%Y%m%d")
+    ct = synth.make_study(SPEC, seed=664)
+    mr = synth.make_study(synth.SeriesSpec(modality="MR", slices=2, rows=16, columns=16),
+                          seed=665)
+    for name, study in (("ct", ct), ("mr", mr)):
+        for ds in synth.iter_datasets(study):
+            ds.StudyDate = ds.SeriesDate = today
+        files = synth.write_study(study, tmp_path / name)
+        assert storescu(port, files, aec=aet).returncode == 0
+    source = {"name": "pacs", "kind": "dimse", "ae_title": aet, "host": "127.0.0.1",
+              "port": port, "interval_seconds": INTERVAL, "timeout_seconds": 10,
+              "filters": {"Modality": "CT"}}
+    relational = node_factory(sources=[source]).start()      # one SERIES-level query
+    wait_for(lambda: "query failed" in relational.log(), timeout=30)
+    assert "C-FIND failed" in relational.log()
+    assert IndexView(relational.config.parent / "index.db").sop_uids() == set()
+    relational.stop()
+
+    node = node_factory(sources=[{**source, "query": "hierarchical"}]).start()
+    index = IndexView(node.config.parent / "index.db")
+    wanted = {str(d.SOPInstanceUID) for d in synth.iter_datasets(ct)}
+    wait_for(lambda: wanted <= index.sop_uids(), timeout=30)
+    time.sleep(2 * INTERVAL)                              # more polls: nothing new
+    assert index.sop_uids() == wanted                     # the MR series filtered out
+    assert "query failed" not in node.log()
+    lines = _fetch_lines(node)
+    assert lines and all(ct.series[0].series_instance_uid in line for line in lines)

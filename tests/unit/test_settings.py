@@ -177,3 +177,15 @@ def test_the_example_routes_file_is_valid(tmp_path: Path) -> None:
     settings = load_settings(cfg)
     assert [r.name for r in settings.routes][:2] == ["skip-localizers", "ct-lesions-stat"]
     assert settings.routes[-1].fallback
+
+
+def test_hierarchical_query_is_a_dimse_source_setting(tmp_path: Path) -> None:
+    dimse = '[[sources]]\nname = "pacs"\nkind = "dimse"\nae_title = "P"\nhost = "h"\nport = 104\n'
+    assert load_settings(_write(tmp_path, dimse)).sources[0].query == "series"
+    assert load_settings(_write(tmp_path, dimse + 'query = "hierarchical"\n')
+                         ).sources[0].query == "hierarchical"
+    web = '[[sources]]\nname = "web"\nkind = "dicomweb"\nurl = "http://h/dicom-web"\n'
+    with pytest.raises(ConfigError, match="is for kind"):
+        load_settings(_write(tmp_path, web + 'query = "hierarchical"\n'))
+    with pytest.raises(ConfigError, match="query"):
+        load_settings(_write(tmp_path, dimse + 'query = "relational"\n'))
