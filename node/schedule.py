@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 TABLE = "scheduled_jobs"
 _MAX_IDENTIFIER = 63            # PostgreSQL's limit on a table name
-_TASKS: dict[str, Callable[[], object]] = {}      # task id -> what it does in this process
+_TASKS: dict[str, Callable[[], object]] = {}      # task key -> what it does in this process
 _TASKS_LOCK = threading.Lock()
 
 
