@@ -34,7 +34,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated names
 
 from adapters.pdata import DirectInstance, StoreRequest
-from adapters.reactor import WakingRequestHandler
+from adapters.reactor import WakingRequestHandler, remembered_negotiations
 from node.domain import AssociationInfo, StoreOutcome
 from node.errors import (
     DatasetMismatchError,
@@ -301,6 +301,7 @@ class DimseReceiver:
     def start(self) -> None:
         # Accept Storage SOP classes pynetdicom does not list (private or newer ones).
         _config.UNRESTRICTED_STORAGE_SERVICE = True
+        remembered_negotiations.install()      # (that negotiation, done once per proposal)
         # pynetdicom's standard handlers summarise every PDU and message for its debug
         # log, which node/log.py keeps at WARNING: building the summaries of one
         # association request costs ~2 ms. Bound only when someone reads them.

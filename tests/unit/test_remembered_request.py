@@ -19,7 +19,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, build_context
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.presentation import PresentationContext
+from pynetdicom.presentation import PresentationContext, negotiate_unrestricted
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from pynetdicom.pdu_primitives import (
@@ -37,8 +37,10 @@ from pynetdicom.pdu_primitives import (
 from adapters.reactor import (
     RememberedAccept,
     RememberedRequest,
+    _Negotiations,
     accept_key,
     remembered_accepts,
+    remembered_negotiations,
     remembered_request,
 )
 from node.app import Node
@@ -188,6 +190,45 @@ def test_each_association_gets_a_copy_that_shares_nothing_changeable() -> None:
     assert len(second.user_information) == 8
 
 
+def _proposal(*syntaxes: str) -> list[PresentationContext]:
+    contexts = []
+    for i, uid in enumerate([CTImageStorage, MRImageStorage, "1.2.3.4.5.6"]):
+        cx = PresentationContext()
+        cx.context_id = 2 * i + 1
+        cx.abstract_syntax = uid
+        cx.transfer_syntax = list(syntaxes)
+        contexts.append(cx)
+    return contexts
+
+
+def _outcome(result: list[PresentationContext]) -> list[tuple[Any, ...]]:
+    return [(cx.context_id, cx.abstract_syntax, cx.transfer_syntax, cx.result, cx.as_scu,
+             cx.as_scp) for cx in result]
+
+
+def test_a_remembered_negotiation_is_pynetdicoms_own_and_each_gets_a_copy() -> None:
+    supported = [build_context("1.2.840.10008.1.1")]
+    negotiations = _Negotiations(4)
+    syntaxes = (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
+    own, own_roles = negotiate_unrestricted(_proposal(*syntaxes), supported, {})
+    first, roles = negotiations.negotiate(_proposal(*syntaxes), supported, {})
+    second, _ = negotiations.negotiate(_proposal(*syntaxes), supported, {})
+    assert _outcome(first) == _outcome(second) == _outcome(own) and roles == own_roles
+    assert (negotiations.misses, negotiations.hits) == (1, 1)
+    first[0].transfer_syntax.append("1.2.3")                 # one association's copy
+    assert _outcome(negotiations.negotiate(_proposal(*syntaxes), supported, {})[0]) == \
+        _outcome(own)
+    # another order of syntaxes, or roles asked for, is another negotiation
+    other, _ = negotiations.negotiate(_proposal(*reversed(syntaxes)), supported, {})
+    assert other[0].transfer_syntax == [ExplicitVRLittleEndian]
+    roles_asked = {CTImageStorage: (True, True)}
+    _, role_items = negotiations.negotiate(_proposal(*syntaxes), supported, roles_asked)
+    assert negotiations.misses == 3
+    _, own_items = negotiate_unrestricted(_proposal(*syntaxes), supported, roles_asked)
+    assert [(i.sop_class_uid, i.scu_role, i.scp_role) for i in role_items] == \
+        [(i.sop_class_uid, i.scu_role, i.scp_role) for i in own_items] != []
+
+
 def test_requests_are_remembered_by_their_exact_bytes() -> None:
     a, b = _request_bytes("SENDER_A"), _request_bytes("SENDER_B")
     assert remembered_request(a) is remembered_request(a)
@@ -209,6 +250,7 @@ def test_a_second_association_with_the_same_request_is_not_decoded_again(
     try:
         remembered_request.cache_clear()
         remembered_accepts.clear()
+        remembered_negotiations.clear()
         accepted = []
         for calling, path in [("SENDER_C", study_a[0]), ("SENDER_C", study_a[1]),
                               ("SENDER_D", study_b[0])]:
@@ -227,6 +269,8 @@ def test_a_second_association_with_the_same_request_is_not_decoded_again(
         assert (info.misses, info.hits) == (2, 1)
         # the second association of SENDER_C got the acceptance sent to the first
         assert (remembered_accepts.misses, remembered_accepts.hits) == (2, 1)
+        # the same proposal was negotiated once (whoever sends it)
+        assert (remembered_negotiations.misses, remembered_negotiations.hits) == (1, 2)
         assert accepted[0] == accepted[1] == accepted[2] == (
             [(1, ExplicitVRLittleEndian)], [3], node.settings.node.max_pdu_bytes)
         with Session(node.engine) as session:
