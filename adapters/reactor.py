@@ -55,7 +55,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 from pynetdicom import acse, evt, presentation
 from pynetdicom._handlers import (
@@ -549,57 +549,64 @@ def accept_key(primitive: A_ASSOCIATE) -> tuple[Any, ...] | None:
     return key
 
 
-class _Accepts:
-    """The remembered acceptances, the most recently used kept (one per sender's
-    configuration; the association threads share them)."""
+_V = TypeVar("_V")
+_Outcome = tuple[list[Any], list[Any]]      # (contexts with their results, role items)
+
+
+class _Recent(Generic[_V]):
+    """A bounded map keeping the most recently used values, shared by the association
+    threads, with counts of the lookups that found one (hits) and did not (misses)."""
 
     def __init__(self, size: int) -> None:
         self._size = size
         self._lock = threading.Lock()
-        self._pdus: OrderedDict[tuple[Any, ...], RememberedAccept] = OrderedDict()
+        self._values: OrderedDict[tuple[Any, ...], _V] = OrderedDict()
         self.hits = self.misses = 0
+
+    def _get(self, key: tuple[Any, ...]) -> _V | None:
+        with self._lock:
+            value = self._values.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._values.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def _put(self, key: tuple[Any, ...], value: _V) -> None:
+        with self._lock:
+            self._values[key] = value
+            if len(self._values) > self._size:
+                self._values.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
+            self.hits = self.misses = 0
+
+
+class _Accepts(_Recent[RememberedAccept]):
+    """The remembered acceptances (one per sender's configuration)."""
 
     def pdu(self, primitive: A_ASSOCIATE) -> A_ASSOCIATE_AC:
         key = accept_key(primitive)
         if key is None:
             return A_ASSOCIATE_AC(primitive)
-        with self._lock:
-            pdu = self._pdus.get(key)
-            if pdu is not None:
-                self._pdus.move_to_end(key)
-                self.hits += 1
-                return pdu
-            self.misses += 1
-        pdu = RememberedAccept(primitive)
-        with self._lock:
-            self._pdus[key] = pdu
-            if len(self._pdus) > self._size:
-                self._pdus.popitem(last=False)
+        pdu = self._get(key)
+        if pdu is None:
+            pdu = RememberedAccept(primitive)
+            self._put(key, pdu)
         return pdu
-
-    def clear(self) -> None:
-        with self._lock:
-            self._pdus.clear()
-            self.hits = self.misses = 0
 
 
 remembered_accepts = _Accepts(REMEMBERED_REQUESTS)
 
 
-_Outcome = tuple[list[Any], list[Any]]      # (contexts with their results, role items)
-
-
-class _Negotiations:
-    """Outcomes of pynetdicom's ``negotiate_unrestricted``, the most recently used kept,
-    by what they depend on: the proposed contexts (after EVT_REQUESTED handlers such
-    as adapters/dimse.py's ``_prefer_decodable`` reordered their syntaxes), the supported
-    ones and the requested roles. Every caller gets a copy of its own."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._lock = threading.Lock()
-        self._outcomes: OrderedDict[tuple[Any, ...], _Outcome] = OrderedDict()
-        self.hits = self.misses = 0
+class _Negotiations(_Recent[_Outcome]):
+    """Outcomes of pynetdicom's ``negotiate_unrestricted`` by what they depend on: the
+    proposed contexts (after EVT_REQUESTED handlers such as adapters/dimse.py's
+    ``_prefer_decodable`` reordered their syntaxes), the supported ones and the requested
+    roles. Every caller gets a copy of its own."""
 
     def negotiate(self, rq_contexts: list[Any], ac_contexts: list[Any],
                   roles: dict[Any, Any] | None = None) -> _Outcome:
@@ -613,30 +620,16 @@ class _Negotiations:
             hash(key)
         except TypeError:
             return _NEGOTIATE_UNRESTRICTED(rq_contexts, ac_contexts, roles)
-        with self._lock:
-            outcome = self._outcomes.get(key)
-            if outcome is not None:
-                self._outcomes.move_to_end(key)
-                self.hits += 1
-            else:
-                self.misses += 1
+        outcome = self._get(key)
         if outcome is None:
             result, role_items = _NEGOTIATE_UNRESTRICTED(rq_contexts, ac_contexts, roles)
             outcome = (list(result), list(role_items))
-            with self._lock:
-                self._outcomes[key] = outcome
-                if len(self._outcomes) > self._size:
-                    self._outcomes.popitem(last=False)
+            self._put(key, outcome)
         return _structure_copy(outcome[0]), _structure_copy(outcome[1])
 
     def install(self) -> None:
         """Answer pynetdicom's acceptor negotiation (unrestricted storage) from here."""
         acse.negotiate_unrestricted = self.negotiate  # type: ignore[attr-defined]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._outcomes.clear()
-            self.hits = self.misses = 0
 
 
 _NEGOTIATE_UNRESTRICTED = presentation.negotiate_unrestricted
