@@ -89,13 +89,13 @@ def iter_parts(read: Read, boundary: str) -> Iterator[StreamPart]:
     if not boundary or len(boundary) > 70:
         raise MultipartError("the Content-Type boundary parameter is missing or longer than "
                              "70 characters (RFC 2046 §5.1.1)")
-    reader = _Reader(read, b"\r\n--" + boundary.encode("latin-1"))
+    reader = _Reader(read, boundary)
     if not reader.skip_to_delimiter():
         raise MultipartError(f"the body does not contain the boundary {boundary!r}")
     number = 0
     while True:
         number += 1
-        headers = reader.part_start(number, boundary)
+        headers = reader.part_start(number)
         if headers is None:
             reader.drain()                  # the epilogue
             return
@@ -117,9 +117,10 @@ class _Reader:
     split across two chunks is found since the last ``len(delimiter) - 1`` bytes of the
     one are kept until the next arrives."""
 
-    def __init__(self, read: Read, delimiter: bytes) -> None:
+    def __init__(self, read: Read, boundary: str) -> None:
         self._read = read
-        self._delimiter = delimiter
+        self._boundary = boundary
+        self._delimiter = b"\r\n--" + boundary.encode("latin-1")
         self._buffer = bytearray(b"\r\n")   # the first delimiter may start the body
         self._ended = False
 
@@ -152,7 +153,7 @@ class _Reader:
                 return False
         return True
 
-    def part_start(self, number: int, boundary: str) -> dict[str, str] | None:
+    def part_start(self, number: int) -> dict[str, str] | None:
         """After a delimiter: None for the closing one, else the next part's headers."""
         self._need(2)
         if self._buffer[:2] == b"--":
@@ -174,8 +175,7 @@ class _Reader:
             if len(self._buffer) >= MAX_HEADERS:
                 raise MultipartError(f"part {number}: its headers are longer than "
                                      f"{MAX_HEADERS} bytes")
-            raise MultipartError(f"part {number}: the body ends without the closing "
-                                 f"boundary '--{boundary}--'")
+            raise self._unterminated(number)
         text = bytes(self._buffer[:head_end]).decode("latin-1")
         del self._buffer[:head_end + 4]
         headers: dict[str, str] = {}
@@ -212,9 +212,11 @@ class _Reader:
                 del self._buffer[:cut]
                 return piece, False
             if not self._fill():
-                boundary = self._delimiter[4:].decode("latin-1")
-                raise MultipartError(f"part {number}: the body ends without the closing "
-                                     f"boundary '--{boundary}--'")
+                raise self._unterminated(number)
+
+    def _unterminated(self, number: int) -> MultipartError:
+        return MultipartError(f"part {number}: the body ends without the closing boundary "
+                              f"'--{self._boundary}--'")
 
     def drain(self) -> None:
         """Read (and drop) the rest of the body."""
