@@ -73,6 +73,9 @@ STUDY_LEVEL_KEYS = frozenset({
     "SOPClassesInStudy", "NameOfPhysiciansReadingStudy", "AdmittingDiagnosesDescription",
     "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
 })
+# What every series-level query asks back (a filter on one of them narrows it).
+_SERIES_RETURN_KEYS = {"SeriesInstanceUID": "", "Modality": "",
+                       "NumberOfSeriesRelatedInstances": ""}
 
 
 class QueryRetrieveStatusValues:
@@ -126,9 +129,8 @@ class DimseSource:
                 **source.filters, **(extra or {})}
         with self._associated(source, [build_context(FIND)]) as assoc:
             if source.query == "series":        # one relational query (PS3.4 C.4.1.2.2)
-                return [remote for answer in _find(assoc, source, _identifier(source, {
-                    "StudyInstanceUID": "", "SeriesInstanceUID": "", "Modality": "",
-                    "NumberOfSeriesRelatedInstances": "", **keys}))
+                return [remote for answer in _find(assoc, source, _identifier(
+                    source, {"StudyInstanceUID": "", **_SERIES_RETURN_KEYS, **keys}))
                         if (remote := _remote(answer)) is not None]
             # hierarchical (PS3.4 C.4.1.2.1): the studies, then each one's series
             study_keys = {k: v for k, v in keys.items() if k in STUDY_LEVEL_KEYS}
@@ -140,9 +142,7 @@ class DimseSource:
                 if not uid:
                     continue
                 found += [remote for answer in _find(assoc, source, _identifier(source, {
-                    "SeriesInstanceUID": "", "Modality": "",
-                    "NumberOfSeriesRelatedInstances": "", **series_keys,
-                    "StudyInstanceUID": str(uid)}))
+                    **_SERIES_RETURN_KEYS, **series_keys, "StudyInstanceUID": str(uid)}))
                           if (remote := _remote(answer, study_date)) is not None]
             return found
 
